@@ -1,0 +1,202 @@
+"""The ``clipctl`` command line.
+
+Start-up stays fast: this module imports neither jax nor tensorflow; commands that
+train or evaluate import the core trainer when they run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from clipctl import __version__
+
+EXIT_SPEC_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.secho("error: ", fg="red", bold=True, err=True, nl=False)
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+def _load(spec_path: str, overrides: tuple[str, ...]):
+    from clip_jax.spec import SpecError, load_spec
+
+    try:
+        return load_spec(spec_path, overrides)
+    except SpecError as exc:
+        for path, message in exc.problems:
+            click.secho("error: ", fg="red", bold=True, err=True, nl=False)
+            click.echo(f"{path}: {message}" if path else message, err=True)
+        sys.exit(EXIT_SPEC_ERROR)
+
+
+spec_argument = click.argument("spec", type=click.Path(dir_okay=False))
+overrides_argument = click.argument("overrides", nargs=-1, metavar="[KEY.PATH=VALUE]...")
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="clipctl")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Build, run and inspect clip-jax training runs.
+
+    \b
+    Quick start:
+      clipctl run templates/quickstart.toml
+      clipctl eval runs/quickstart --json
+    """
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+@cli.command()
+@spec_argument
+@overrides_argument
+def validate(spec: str, overrides: tuple[str, ...]) -> None:
+    """Check a spec (and overrides); print `valid` or every problem, exit 2 if invalid."""
+    _load(spec, overrides)
+    click.echo("valid")
+
+
+@cli.command()
+@spec_argument
+@overrides_argument
+def show(spec: str, overrides: tuple[str, ...]) -> None:
+    """Print the resolved spec as TOML (templates, presets and overrides applied)."""
+    from clip_jax.spec import to_toml
+
+    click.echo(to_toml(_load(spec, overrides)), nl=False)
+
+
+@cli.command()
+@spec_argument
+@overrides_argument
+@click.option("--force", is_flag=True, help="Use this spec in a run folder made by another.")
+def run(spec: str, overrides: tuple[str, ...], force: bool) -> None:
+    """Train (or resume) the run a spec describes."""
+    resolved = _load(spec, overrides)
+    from clip_jax.errors import UserError
+    from clip_jax.train.trainer import train
+
+    try:
+        results = train(resolved, force=force)
+    except UserError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        click.echo("interrupted; rerun the same command to resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    click.echo(json.dumps({"run_dir": resolved.run.output_dir, **results}))
+
+
+@cli.command(name="eval")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--step", type=int, default=None, help="Checkpoint step (default: latest).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_command(run_dir: str, step: int | None, as_json: bool) -> None:
+    """Evaluate a run's checkpoint: zero-shot accuracy and retrieval recall."""
+    from clip_jax.errors import UserError
+    from clip_jax.inference import evaluate_run
+
+    try:
+        results = evaluate_run(run_dir, step)
+    except UserError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(results))
+        return
+    for key, value in results.items():
+        click.echo(f"{key:<20} {value:.4f}" if isinstance(value, float) else f"{key:<20} {value}")
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def templates(ctx: click.Context) -> None:
+    """List the run-spec templates of every plugin (or copy one)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from clip_jax.plugins import get_registry
+
+    found = get_registry().templates
+    width = max((len(name) for name in found), default=0)
+    for name, template in sorted(found.items()):
+        click.echo(f"{name:<{width}}  {template.description}")
+
+
+@templates.command(name="copy")
+@click.argument("name")
+@click.argument("dest", type=click.Path())
+def templates_copy(name: str, dest: str) -> None:
+    """Copy template NAME to DEST (a file, or a folder to copy into)."""
+    from clip_jax.plugins import get_registry
+
+    found = get_registry().templates
+    if name not in found:
+        _fail(f"unknown template {name!r} (available: {', '.join(sorted(found))})")
+    target = Path(dest)
+    if target.is_dir():
+        target = target / found[name].path.name
+    if target.exists():
+        _fail(f"{target} exists; not overwriting it")
+    shutil.copyfile(found[name].path, target)
+    click.echo(str(target))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins(as_json: bool) -> None:
+    """List plugins: distribution, version, what each registers, load errors."""
+    from clip_jax.plugins import get_registry
+
+    infos = [p.as_dict() for p in get_registry().plugins]
+    if as_json:
+        click.echo(json.dumps(infos, indent=2))
+        return
+    for info in infos:
+        origin = f"{info['distribution'] or '-'} {info['version'] or ''}".strip()
+        click.secho(f"{info['name']}", bold=True, nl=False)
+        click.echo(f"  ({origin})")
+        for kind, names in info["registers"].items():
+            click.echo(f"  {kind}: {', '.join(names)}")
+        for error in info["errors"]:
+            click.secho(f"  error: {error}", fg="red")
+
+
+@cli.group()
+def data() -> None:
+    """Datasets: write the embedded synthetic dataset."""
+
+
+@data.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--train-examples", default=20000, show_default=True)
+@click.option("--validation-examples", default=1024, show_default=True)
+@click.option("--image-size", default=32, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def synth(out_dir: str, train_examples: int, validation_examples: int, image_size: int,
+          seed: int) -> None:
+    """Write captioned synthetic shapes as img2dataset-style tfrecord shards."""
+    from clip_jax.data.synth_writer import write_synthetic
+
+    try:
+        settings = write_synthetic(out_dir, train_examples, validation_examples, image_size, seed)
+    except FileExistsError as exc:
+        _fail(str(exc))
+    click.echo(
+        f"wrote {settings['train_examples']} train and {settings['validation_examples']} "
+        f"validation examples ({len(settings['classes'])} classes) to {out_dir}"
+    )
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

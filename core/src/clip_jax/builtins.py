@@ -1,0 +1,82 @@
+"""The built-in components, registered through the same hooks as any plugin.
+
+Factories are ``lazy`` so that registering (and so listing and validating) never
+imports jax or tensorflow.
+"""
+
+from clip_jax import schemas
+from clip_jax.plugins import hookimpl, lazy
+from clip_jax.presets import CLIP_PRESETS
+
+
+@hookimpl
+def register_architectures(register):
+    register(
+        "clip",
+        lazy("clip_jax.models.clip:build_clip"),
+        options=schemas.ClipOptions,
+        description="CLIP: ViT image tower + causal transformer text tower, linear projections",
+        presets=CLIP_PRESETS,
+    )
+
+
+@hookimpl
+def register_losses(register):
+    register(
+        "softmax",
+        lazy("clip_jax.losses:softmax_loss"),
+        options=schemas.SoftmaxOptions,
+        description="symmetric InfoNCE over the global batch (CLIP)",
+    )
+    register(
+        "sigmoid",
+        lazy("clip_jax.losses:sigmoid_loss"),
+        options=schemas.SigmoidOptions,
+        description="pairwise sigmoid loss over the global batch (SigLIP)",
+    )
+
+
+@hookimpl
+def register_optimizers(register):
+    register(
+        "adamw",
+        lazy("clip_jax.optim:adamw"),
+        options=schemas.AdamWOptions,
+        description="AdamW, warmup + cosine/linear/constant schedule, gradient-norm clipping",
+    )
+
+
+@hookimpl
+def register_data_sources(register):
+    register(
+        "tfrecord",
+        lazy("clip_jax.data.sources:tfrecord_source"),
+        options=schemas.TfrecordDataOptions,
+        description="img2dataset / DataComp tfrecord shards (local paths or gs://)",
+    )
+    register(
+        "synthetic",
+        lazy("clip_jax.data.sources:synthetic_source"),
+        options=schemas.SyntheticDataOptions,
+        description="embedded captioned shapes, written as tfrecord shards on first use",
+    )
+
+
+@hookimpl
+def register_tokenizers(register):
+    register(
+        "bpe",
+        lazy("clip_jax.data.tokenizer:bpe_tokenizer"),
+        options=schemas.BpeTokenizerOptions,
+        description="byte-level BPE (Hugging Face tokenizers): load tokenizer.json or train one",
+    )
+
+
+@hookimpl
+def register_sharding_strategies(register):
+    register(
+        "dp",
+        lazy("clip_jax.sharding:data_parallel"),
+        options=schemas.DataParallelOptions,
+        description="data parallel: parameters replicated, batch split over all devices",
+    )

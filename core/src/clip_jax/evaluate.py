@@ -1,0 +1,88 @@
+"""Evaluators: zero-shot classification and image-text retrieval on a validation split.
+
+They take two encoding callables (numpy in, L2-normalised numpy embeddings out), so the
+trainer, ``clipctl eval`` and ``clip_jax.load`` all share one implementation.
+
+Retrieval counts a hit when a retrieved caption is *the same text* as the query's own
+caption. On web data captions are nearly unique and this equals the usual
+index-matching recall; on the embedded dataset many images share a caption, and
+index matching would punish the model for ranking equally correct captions first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+EncodeImages = Callable[[np.ndarray], np.ndarray]
+EncodeTexts = Callable[[Sequence[str]], np.ndarray]
+
+
+def class_embeddings(
+    encode_texts: EncodeTexts, classes: Sequence[str], templates: Sequence[str]
+) -> np.ndarray:
+    """One unit vector per class: the mean of its prompt embeddings (CLIP's ensembling)."""
+    prompts = [template.format(name) for name in classes for template in templates]
+    emb_PxD = encode_texts(prompts).reshape(len(classes), len(templates), -1)
+    mean_CxD = emb_PxD.mean(axis=1)
+    return mean_CxD / np.linalg.norm(mean_CxD, axis=-1, keepdims=True)
+
+
+def zero_shot(img_emb_NxD: np.ndarray, labels_N: np.ndarray, class_emb_CxD: np.ndarray) -> dict:
+    scores_NxC = img_emb_NxD @ class_emb_CxD.T
+    top_NxK = np.argsort(-scores_NxC, axis=1)[:, :5]
+    hits_NxK = top_NxK == labels_N[:, None]
+    return {
+        "zero_shot_top1": float(hits_NxK[:, 0].mean()),
+        "zero_shot_top5": float(hits_NxK.any(axis=1).mean()),
+        "zero_shot_classes": int(class_emb_CxD.shape[0]),
+    }
+
+
+def retrieval(img_emb_NxD: np.ndarray, txt_emb_NxD: np.ndarray, captions: Sequence[str]) -> dict:
+    _, caption_ids_N = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
+    scores_NxN = img_emb_NxD @ txt_emb_NxD.T
+    results = {}
+    for name, scores in (("i2t", scores_NxN), ("t2i", scores_NxN.T)):
+        top_NxK = np.argsort(-scores, axis=1)[:, :5]
+        hits_NxK = caption_ids_N[top_NxK] == caption_ids_N[:, None]
+        results[f"retrieval_{name}_r1"] = float(hits_NxK[:, 0].mean())
+        results[f"retrieval_{name}_r5"] = float(hits_NxK.any(axis=1).mean())
+    return results
+
+
+def evaluate(
+    batches: Iterable,
+    encode_images: EncodeImages,
+    encode_texts: EncodeTexts,
+    classes: Sequence[str] = (),
+    templates: Sequence[str] = ("a photo of a {}.",),
+    zero_shot_enabled: bool = True,
+    retrieval_enabled: bool = True,
+    max_examples: int | None = None,
+) -> dict:
+    """Run the enabled evaluators over validation batches (``pipeline.Batch`` objects)."""
+    img, txt, labels, captions = [], [], [], []
+    for batch in batches:
+        img.append(encode_images(batch.images))
+        captions += batch.captions
+        if retrieval_enabled:
+            txt.append(encode_texts(batch.captions))
+        if batch.labels is not None:
+            labels.append(batch.labels)
+        if max_examples and len(captions) >= max_examples:
+            break
+    if not captions:
+        raise ValueError("the validation split is empty")
+    limit = min(len(captions), max_examples or len(captions))
+    img_emb_NxD = np.concatenate(img)[:limit]
+    results: dict = {"examples": limit}
+    if zero_shot_enabled and classes and labels:
+        labels_N = np.concatenate(labels)[:limit]
+        known = labels_N >= 0
+        class_emb = class_embeddings(encode_texts, classes, templates)
+        results |= zero_shot(img_emb_NxD[known], labels_N[known], class_emb)
+    if retrieval_enabled:
+        results |= retrieval(img_emb_NxD, np.concatenate(txt)[:limit], captions[:limit])
+    return results

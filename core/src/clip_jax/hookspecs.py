@@ -1,0 +1,59 @@
+"""Extension points of clip-jax.
+
+Every hook receives a ``register`` callable; a plugin calls it once per component it
+adds. The built-in components are registered through these same hooks
+(``clip_jax.builtins``), so a third-party package is never a second-class citizen.
+
+``register(name, factory, options=None, description="", presets=None)``:
+- ``factory`` builds the component from its validated options (import heavy modules
+  such as jax inside it, so that listing and validating stay fast);
+- ``options`` is a pydantic model (subclass ``clip_jax.schemas.Options``) that validates
+  the component's own keys in its spec table;
+- ``presets`` maps a preset name to a dict of option values (``model.preset = "tiny"``).
+
+``register_templates`` is different: ``register(name, path, description="")``.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("clip_jax")
+
+
+@hookspec
+def register_architectures(register):
+    """Register model architectures (two-tower image-text models)."""
+
+
+@hookspec
+def register_losses(register):
+    """Register contrastive losses."""
+
+
+@hookspec
+def register_sharding_strategies(register):
+    """Register sharding strategies (how parameters and batches map to the mesh)."""
+
+
+@hookspec
+def register_heads(register):
+    """Register downstream heads (classification, text fine-tuning, LiT...)."""
+
+
+@hookspec
+def register_data_sources(register):
+    """Register data sources (where training and validation examples come from)."""
+
+
+@hookspec
+def register_tokenizers(register):
+    """Register tokenizers."""
+
+
+@hookspec
+def register_optimizers(register):
+    """Register optimizers (an optax transformation built from the spec)."""
+
+
+@hookspec
+def register_templates(register):
+    """Register run-spec templates: ``register(name, path, description="")``."""

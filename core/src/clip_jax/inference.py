@@ -1,0 +1,93 @@
+"""Using a trained model: ``clip_jax.load(run_dir)`` -> encode images and texts, classify.
+
+Everything is read from the run folder (resolved spec, tokenizer, latest checkpoint),
+so a run folder is all one needs to use or evaluate a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clip_jax import spec as spec_lib
+from clip_jax.components import Components, components
+from clip_jax.errors import UserError
+from clip_jax.run_folder import RunFolder
+
+
+@dataclass
+class LoadedClip:
+    comps: Components
+    params: Any
+    tokenizer: Any
+    step: int
+
+    def __post_init__(self) -> None:
+        from clip_jax.train.state import make_encoders
+        from clip_jax.train.trainer import padded_encoder
+
+        images_fn, texts_fn = make_encoders(self.comps.model)
+        size = self.comps.spec.eval.batch_size
+        self._images = padded_encoder(images_fn, self.params, size)
+        self._tokens = padded_encoder(texts_fn, self.params, size)
+
+    @property
+    def spec(self) -> spec_lib.RunSpec:
+        return self.comps.spec
+
+    def encode_images(self, images_BxHxWx3: np.ndarray) -> np.ndarray:
+        """Unit-norm embeddings of preprocessed images (see data.pipeline)."""
+        return self._images(np.asarray(images_BxHxWx3, np.float32))
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self._tokens(self.tokenizer(list(texts)))
+
+    def classify(
+        self, images: np.ndarray, classes: Sequence[str], templates: Sequence[str] = ("a {}",)
+    ) -> np.ndarray:
+        """Zero-shot class probabilities, images x classes."""
+        from clip_jax.evaluate import class_embeddings
+
+        class_emb_CxD = class_embeddings(self.encode_texts, classes, templates)
+        logits = self.encode_images(images) @ class_emb_CxD.T * 100.0
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        return probs / probs.sum(axis=1, keepdims=True)
+
+
+def load(run_dir: str | Path, step: int | None = None) -> LoadedClip:
+    """Load the latest (or a given) checkpoint of a run folder."""
+    folder = RunFolder(run_dir)
+    if not folder.exists():
+        raise UserError(f"{run_dir} is not a run folder (no spec.resolved.toml)")
+    spec = spec_lib.validate(folder.read_spec())
+    comps = components(spec)
+    from clip_jax.train.checkpoint import Checkpoints
+    from clip_jax.train.state import state_shardings
+
+    checkpoints = Checkpoints(folder.checkpoints, spec.train.keep_checkpoints, 1)
+    step = step if step is not None else checkpoints.latest_step()
+    if step is None:
+        raise UserError(f"{run_dir} has no checkpoint yet")
+    tx, _ = comps.optimizer()
+    _, abstract, _ = state_shardings(comps.model, tx, comps.layout, spec)
+    params = checkpoints.restore_params(step, abstract)
+    checkpoints.close()
+    tokenizer = comps.tokenizer(saved=folder.tokenizer)
+    return LoadedClip(comps, params, tokenizer, step)
+
+
+def evaluate_run(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:
+    """Evaluate a run folder's checkpoint on its validation split."""
+    from clip_jax.train.state import make_encoders
+    from clip_jax.train.trainer import run_evaluation
+
+    model = load(run_dir, step)
+    results = run_evaluation(
+        model.comps, model.params, model.tokenizer, make_encoders(model.comps.model)
+    )
+    return {"step": model.step, **results}

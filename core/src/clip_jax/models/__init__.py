@@ -1,0 +1,1 @@
+"""Model towers and the two-tower CLIP architecture (Flax Linen)."""

@@ -1,0 +1,134 @@
+"""Transformer building blocks shared by both towers.
+
+Every parameter carries logical axis names (``embed``, ``heads``, ``kv``, ``mlp``,
+``vocab``) so that a sharding strategy can map them onto mesh axes without touching
+the model code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": nn.gelu,
+    "quick_gelu": quick_gelu,
+}
+
+
+def dense_init(axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes)
+
+
+def zeros(axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def layer_norm(name: str, dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=1e-5,
+        dtype=dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=zeros(("embed",)),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, mask_BxHxLxL: jax.Array | None) -> jax.Array:
+        width = x_BxLxD.shape[-1]
+        head_dim = width // self.heads
+
+        def project(name: str) -> jax.Array:
+            return nn.DenseGeneral(
+                (self.heads, head_dim),
+                dtype=self.dtype,
+                kernel_init=dense_init(("embed", "heads", "kv")),
+                bias_init=zeros(("heads", "kv")),
+                name=name,
+            )(x_BxLxD)
+
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = project("query"), project("key"), project("value")
+        out_BxLxHxK = jax.nn.dot_product_attention(
+            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_BxHxLxL
+        )
+        return nn.DenseGeneral(
+            width,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            kernel_init=dense_init(("heads", "kv", "embed")),
+            bias_init=zeros(("embed",)),
+            name="out",
+        )(out_BxLxHxK)
+
+
+class Mlp(nn.Module):
+    hidden: int
+    activation: str
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        width = x_BxLxD.shape[-1]
+        h_BxLxM = nn.Dense(
+            self.hidden,
+            dtype=self.dtype,
+            kernel_init=dense_init(("embed", "mlp")),
+            bias_init=zeros(("mlp",)),
+            name="fc1",
+        )(x_BxLxD)
+        h_BxLxM = ACTIVATIONS[self.activation](h_BxLxM)
+        return nn.Dense(
+            width,
+            dtype=self.dtype,
+            kernel_init=dense_init(("mlp", "embed")),
+            bias_init=zeros(("embed",)),
+            name="fc2",
+        )(h_BxLxM)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    heads: int
+    mlp_hidden: int
+    activation: str
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, mask: jax.Array | None) -> jax.Array:
+        h = layer_norm("ln_1", self.dtype)(x_BxLxD)
+        x_BxLxD = x_BxLxD + Attention(self.heads, self.dtype, name="attn")(h, mask)
+        h = layer_norm("ln_2", self.dtype)(x_BxLxD)
+        return x_BxLxD + Mlp(self.mlp_hidden, self.activation, self.dtype, name="mlp")(h)
+
+
+class Encoder(nn.Module):
+    depth: int
+    heads: int
+    mlp_hidden: int
+    activation: str
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        for i in range(self.depth):
+            x_BxLxD = Block(
+                self.heads, self.mlp_hidden, self.activation, self.dtype, name=f"block_{i}"
+            )(x_BxLxD, mask)
+        return x_BxLxD

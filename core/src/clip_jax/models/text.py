@@ -1,0 +1,60 @@
+"""The text tower: token + position embeddings, a (causal) transformer, pooled output.
+
+Padding id is 0 and every sequence ends with its end-of-text token, so "eos" pooling
+reads the last non-padding position.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clip_jax.models.layers import DTYPES, Encoder, layer_norm
+from clip_jax.schemas import TextOptions
+
+PAD_ID = 0
+
+
+class TextTower(nn.Module):
+    options: TextOptions
+
+    @nn.compact
+    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+        o = self.options
+        dtype = DTYPES[o.dtype]
+        length = tokens_BxL.shape[1]
+        if length > o.context_length:
+            raise ValueError(f"got {length} tokens, context_length is {o.context_length}")
+        embed = nn.Embed(
+            o.vocab_size,
+            o.width,
+            dtype=dtype,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("vocab", "embed")
+            ),
+            name="token_embed",
+        )
+        pos_LxD = self.param(
+            "pos_embed",
+            nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
+            (o.context_length, o.width),
+        )
+        x_BxLxD = embed(tokens_BxL) + pos_LxD[:length].astype(dtype)
+        valid_BxL = tokens_BxL != PAD_ID
+        if o.causal:
+            mask = nn.make_causal_mask(tokens_BxL, dtype=jnp.bool_)
+        else:
+            mask = nn.make_attention_mask(valid_BxL, valid_BxL, dtype=jnp.bool_)
+        x_BxLxD = Encoder(
+            o.depth, o.heads, int(o.width * o.mlp_ratio), o.activation, dtype, name="encoder"
+        )(x_BxLxD, mask)
+        x_BxLxD = layer_norm("ln_final", dtype)(x_BxLxD)
+        if o.pool == "eos":
+            last_B = jnp.maximum(valid_BxL.sum(axis=1) - 1, 0)
+            return jnp.take_along_axis(x_BxLxD, last_B[:, None, None], axis=1)[:, 0]
+        if o.pool == "first":
+            return x_BxLxD[:, 0]
+        weights_BxL = valid_BxL.astype(x_BxLxD.dtype)
+        summed_BxD = jnp.einsum("bld,bl->bd", x_BxLxD, weights_BxL)
+        return summed_BxD / jnp.maximum(weights_BxL.sum(axis=1, keepdims=True), 1)

@@ -1,0 +1,53 @@
+"""The ViT image tower (CLIP layout: patch conv without bias, class token, ln_pre/ln_post)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clip_jax.models.layers import DTYPES, Encoder, layer_norm
+from clip_jax.schemas import VisionOptions
+
+
+class VisionTower(nn.Module):
+    options: VisionOptions
+
+    @nn.compact
+    def __call__(self, images_BxHxWxC: jax.Array) -> jax.Array:
+        o = self.options
+        dtype = DTYPES[o.dtype]
+        patches_BxhxwxD = nn.Conv(
+            o.width,
+            (o.patch_size, o.patch_size),
+            strides=(o.patch_size, o.patch_size),
+            padding="VALID",
+            use_bias=False,
+            dtype=dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), (None, None, None, "embed")
+            ),
+            name="patch_embed",
+        )(images_BxHxWxC.astype(dtype))
+        batch = patches_BxhxwxD.shape[0]
+        x_BxNxD = patches_BxhxwxD.reshape(batch, -1, o.width)
+        if o.pool == "tok":
+            cls_D = self.param(
+                "class_token",
+                nn.with_logical_partitioning(nn.initializers.normal(o.width**-0.5), ("embed",)),
+                (o.width,),
+            )
+            cls_Bx1xD = jnp.broadcast_to(cls_D.astype(dtype), (batch, 1, o.width))
+            x_BxNxD = jnp.concatenate([cls_Bx1xD, x_BxNxD], axis=1)
+        pos_NxD = self.param(
+            "pos_embed",
+            nn.with_logical_partitioning(nn.initializers.normal(o.width**-0.5), (None, "embed")),
+            x_BxNxD.shape[1:],
+        )
+        x_BxNxD = x_BxNxD + pos_NxD.astype(dtype)
+        x_BxNxD = layer_norm("ln_pre", dtype)(x_BxNxD)
+        x_BxNxD = Encoder(
+            o.depth, o.heads, int(o.width * o.mlp_ratio), o.activation, dtype, name="encoder"
+        )(x_BxNxD)
+        pooled_BxD = x_BxNxD[:, 0] if o.pool == "tok" else x_BxNxD.mean(axis=1)
+        return layer_norm("ln_post", dtype)(pooled_BxD)

@@ -1,0 +1,120 @@
+"""The run folder: the contract between the trainer, the CLI, the TUI and the tests.
+
+    spec.resolved.toml   what actually ran
+    metrics.jsonl        one JSON object per line: {"step", "split", ...}
+    status.json          {"state": running|finished|interrupted|failed, "step", "steps", "pid"}
+    checkpoints/         orbax CheckpointManager directory
+    tokenizer.json       the run's tokenizer
+    run.log              human log
+
+Reading a run folder never imports jax.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+SPEC = "spec.resolved.toml"
+METRICS = "metrics.jsonl"
+STATUS = "status.json"
+CHECKPOINTS = "checkpoints"
+TOKENIZER = "tokenizer.json"
+LOG = "run.log"
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def spec_path(self) -> Path:
+        return self.path / SPEC
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / TOKENIZER
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / LOG
+
+    def exists(self) -> bool:
+        return self.spec_path.exists()
+
+    def read_spec(self) -> dict[str, Any]:
+        return tomllib.loads(self.spec_path.read_text())
+
+    def write_spec(self, text: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.spec_path, text)
+
+    # ------------------------------------------------------------------ metrics
+    def metrics(self) -> Iterator[dict[str, Any]]:
+        try:
+            lines = (self.path / METRICS).read_text().splitlines()
+        except FileNotFoundError:
+            return
+        for line in lines:
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.path / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume: drop what an interrupted run logged after its last checkpoint."""
+        kept = [r for r in self.metrics() if r.get("step", 0) <= step]
+        _atomic_write(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def last_eval(self) -> dict[str, Any] | None:
+        evals = [r for r in self.metrics() if r.get("split") == "validation"]
+        return evals[-1] if evals else None
+
+    # ------------------------------------------------------------------- status
+    def status(self) -> dict[str, Any]:
+        try:
+            status = json.loads((self.path / STATUS).read_text())
+        except (OSError, ValueError):
+            return {"state": "new" if not self.exists() else "unknown"}
+        if status.get("state") == "running" and not _alive(status.get("pid")):
+            status["state"] = "failed"  # the process died without saying so
+        return status
+
+    def write_status(self, state: str, **fields: Any) -> None:
+        record = {"state": state, "pid": os.getpid(), "updated": time.time(), **fields}
+        _atomic_write(self.path / STATUS, json.dumps(record) + "\n")
+
+    def log(self, line: str) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

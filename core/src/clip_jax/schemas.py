@@ -1,0 +1,143 @@
+"""Option schemas of the built-in components.
+
+They live apart from the components themselves so that validating a spec never imports
+jax or tensorflow. A plugin's options subclass ``Options`` the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Options(BaseModel):
+    """Base of every spec table: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- model
+Activation = Literal["gelu", "quick_gelu"]
+ComputeDtype = Literal["float32", "bfloat16"]
+
+
+class VisionOptions(Options):
+    image_size: int = Field(224, ge=8, le=4096)
+    patch_size: int = Field(16, ge=1, le=256)
+    width: int = Field(768, ge=8)
+    depth: int = Field(12, ge=1, le=256)
+    heads: int = Field(12, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    pool: Literal["tok", "gap"] = "tok"
+    activation: Activation = "quick_gelu"
+    dtype: ComputeDtype = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> VisionOptions:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class TextOptions(Options):
+    vocab_size: int = Field(49408, ge=8)
+    context_length: int = Field(77, ge=2, le=8192)
+    width: int = Field(512, ge=8)
+    depth: int = Field(12, ge=1, le=256)
+    heads: int = Field(8, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    causal: bool = True
+    pool: Literal["eos", "first", "mean"] = "eos"
+    activation: Activation = "quick_gelu"
+    dtype: ComputeDtype = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> TextOptions:
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class ClipOptions(Options):
+    """The standard CLIP two-tower model (ViT image tower, transformer text tower)."""
+
+    preset: str | None = None
+    embed_dim: int = Field(512, ge=1)
+    projection_bias: bool = False
+    vision: VisionOptions = VisionOptions()
+    text: TextOptions = TextOptions()
+
+
+# -------------------------------------------------------------------------- losses
+class SoftmaxOptions(Options):
+    """Symmetric InfoNCE over the global batch (CLIP)."""
+
+    init_temperature: float = Field(1 / 0.07, gt=0)
+    max_temperature: float = Field(100.0, gt=0)
+
+
+class SigmoidOptions(Options):
+    """Pairwise sigmoid loss (SigLIP): t' = log 10 and b = -10 at init."""
+
+    init_temperature: float = Field(10.0, gt=0)
+    init_bias: float = -10.0
+
+
+# ----------------------------------------------------------------------- optimizer
+class AdamWOptions(Options):
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    end_learning_rate_ratio: float = Field(0.0, ge=0, le=1)
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.98, ge=0, lt=1)
+    eps: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    clip_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+
+
+# ---------------------------------------------------------------------------- data
+class RecordKeys(Options):
+    image_key: str = "jpg"
+    caption_key: str = "txt"
+    label_key: str | None = Field(None, description="int64 class id, for zero-shot eval")
+    shuffle_buffer: int = Field(4096, ge=1)
+
+
+class TfrecordDataOptions(RecordKeys):
+    """img2dataset / DataComp tfrecord shards; globs or lists, gs:// works."""
+
+    train: str | list[str]
+    validation: str | list[str] | None = None
+    classes_file: str | None = Field(
+        None, description='JSON {"classes": [...], "templates": [...]} for zero-shot eval'
+    )
+
+
+class SyntheticDataOptions(RecordKeys):
+    """The embedded dataset: written as tfrecord shards on first use, then read like any."""
+
+    dir: str = "data/synthetic"
+    train_examples: int = Field(20000, ge=1)
+    validation_examples: int = Field(1024, ge=1)
+    image_size: int = Field(32, ge=16, le=512)
+    seed: int = 0
+    label_key: str | None = "label"
+
+
+# ----------------------------------------------------------------------- tokenizer
+class BpeTokenizerOptions(Options):
+    path: str | None = Field(None, description="tokenizer.json to load; else trained")
+    vocab_size: int = Field(1024, ge=32)
+    lowercase: bool = True
+    train_captions: int = Field(100_000, ge=1, description="captions used to train it")
+
+
+# ------------------------------------------------------------------------ sharding
+class DataParallelOptions(Options):
+    """Parameters replicated, batch split over every device."""

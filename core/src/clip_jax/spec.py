@@ -1,0 +1,251 @@
+"""The run spec: TOML + ``key.path=value`` overrides -> a validated, frozen RunSpec.
+
+Fixed tables (``run``, ``train``, ``eval``) have their schema here. Component tables
+(``model``, ``loss``, ...) are validated by the schema of the component their selector
+key names (``loss.name = "sigmoid"`` -> the sigmoid loss's options), so a plugin's
+options are checked exactly like the built-ins'. Every error names the full key path.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, create_model
+
+from clip_jax.errors import UserError
+from clip_jax.plugins import Registry, UnknownComponentError, get_registry
+from clip_jax.schemas import Options
+
+
+class RunOptions(Options):
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 0
+
+
+class TrainOptions(Options):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(256, ge=1, description="global batch size")
+    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+
+
+class EvalOptions(Options):
+    every: int = Field(0, ge=0, description="0: evaluate at the end only")
+    batch_size: int = Field(256, ge=1)
+    zero_shot: bool = True
+    retrieval: bool = True
+    max_examples: int | None = Field(None, ge=1)
+
+
+FIXED_SECTIONS: dict[str, type[Options]] = {
+    "run": RunOptions,
+    "train": TrainOptions,
+    "eval": EvalOptions,
+}
+
+# section -> (selector key, registry kind, default component)
+COMPONENT_SECTIONS: dict[str, tuple[str, str, str]] = {
+    "model": ("architecture", "architecture", "clip"),
+    "loss": ("name", "loss", "softmax"),
+    "optimizer": ("name", "optimizer", "adamw"),
+    "data": ("source", "data_source", "synthetic"),
+    "tokenizer": ("name", "tokenizer", "bpe"),
+    "sharding": ("strategy", "sharding", "dp"),
+}
+
+SECTION_ORDER = ["run", "model", "loss", "optimizer", "train", "data", "tokenizer", "sharding", "eval"]
+
+
+class SpecError(UserError):
+    """A spec that cannot be used; ``problems`` holds (key path, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {msg}" if path else msg for path, msg in problems))
+
+
+class RunSpec(Options):
+    """Base of the per-registry RunSpec classes built by ``validate``."""
+
+
+# ----------------------------------------------------------------------- reading
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError([("", f"spec file not found: {path}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError([("", f"{path} is not valid TOML: {exc}")]) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value``: the value is read as a TOML value, else kept as a string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise SpecError([("", f"override {item!r} is not of the form key.path=value")])
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    result = copy.deepcopy(dict(raw))
+    for item in overrides:
+        keys, value = parse_override(item)
+        table = result
+        for depth, key in enumerate(keys[:-1]):
+            nxt = table.setdefault(key, {})
+            if not isinstance(nxt, dict):
+                path = ".".join(keys[: depth + 1])
+                raise SpecError([(path, f"is a value, not a table; cannot set {'.'.join(keys)}")])
+            table = nxt
+        table[keys[-1]] = value
+    return result
+
+
+def load_spec(
+    path: str | Path, overrides: Iterable[str] = (), registry: Registry | None = None
+) -> RunSpec:
+    """Read a TOML spec, apply overrides, validate against the registered components."""
+    return validate(apply_overrides(read_toml(path), overrides), registry)
+
+
+# -------------------------------------------------------------------- validating
+def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(dict(base))
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def validate(raw: Mapping[str, Any], registry: Registry | None = None) -> RunSpec:
+    """Validate a raw spec dict; raise SpecError listing every problem found."""
+    registry = registry or get_registry()
+    problems: list[tuple[str, str]] = []
+    raw = dict(raw)
+    fields: dict[str, Any] = {}
+    for section, (selector, kind, default) in COMPONENT_SECTIONS.items():
+        # Until a section's component is known it is a plain table, so that the rest of
+        # the spec is still checked and every problem is reported at once.
+        fields[section] = (dict[str, Any], Field(default_factory=dict))
+        table = raw.get(section, {})
+        if not isinstance(table, Mapping):
+            continue  # pydantic reports "must be a table"
+        name = table.get(selector, default)
+        if not isinstance(name, str):
+            problems.append((f"{section}.{selector}", f"must be a string (got {name!r})"))
+            continue
+        try:
+            component = registry.get(kind, name)
+        except UnknownComponentError as exc:
+            problems.append((f"{section}.{selector}", str(exc)))
+            continue
+        preset = table.get("preset")
+        if preset is not None:
+            if preset not in component.presets:
+                known = ", ".join(sorted(component.presets)) or "none"
+                problems.append(
+                    (f"{section}.preset", f"unknown preset {preset!r} (available: {known})")
+                )
+                continue
+            raw[section] = _deep_merge(component.presets[preset], table)
+        section_model = create_model(
+            f"{section.title()}Spec",
+            __base__=component.options or Options,
+            **{selector: (typing.Literal[name], name)},
+        )
+        fields[section] = (section_model, Field(default_factory=dict, validate_default=True))
+    for section, model in FIXED_SECTIONS.items():
+        fields[section] = (model, Field(default_factory=dict, validate_default=True))
+
+    spec_model = create_model("RunSpec", __base__=RunSpec, **fields)
+    try:
+        spec = spec_model.model_validate(raw)
+    except ValidationError as exc:
+        problems += [_describe(err, spec_model) for err in exc.errors()]
+    if problems:
+        raise SpecError(sorted(set(problems), key=problems.index))
+    return spec
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    for part in loc:
+        if not isinstance(part, str) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        candidates = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _unknown_key(loc: tuple, choices: list[str]) -> tuple[str, str]:
+    path = ".".join(map(str, loc))
+    close = difflib.get_close_matches(str(loc[-1]), choices, n=1, cutoff=0.6)
+    hint = f"; did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))!r}?" if close else ""
+    return path, f"unknown key{hint}"
+
+
+def _describe(err: Mapping[str, Any], spec_model: type[BaseModel]) -> tuple[str, str]:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(spec_model, loc[:-1])
+        return _unknown_key(loc, list(parent.model_fields) if parent else [])
+    path = ".".join(map(str, loc))
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        message = "required key is missing"
+    elif err["type"] in ("model_type", "dict_type") and len(loc) == 1:
+        message = f"must be a table (got {err['input']!r})"
+    elif "input" in err and not isinstance(err["input"], Mapping):
+        message += f" (got {err['input']!r})"
+    return path, message
+
+
+# -------------------------------------------------------------------------- output
+def to_dict(spec: RunSpec) -> dict[str, Any]:
+    """The resolved spec as plain data, tables in a stable order, None values left out."""
+    data = spec.model_dump(mode="json", exclude_none=True)
+    return {key: data[key] for key in SECTION_ORDER if key in data}
+
+
+def to_toml(spec: RunSpec) -> str:
+    import tomlkit
+
+    return tomlkit.dumps(to_dict(spec))
+
+
+def diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Key paths whose values differ between two spec dicts."""
+    keys = sorted(set(a) | set(b))
+    changed: list[str] = []
+    for key in keys:
+        path = f"{prefix}{key}"
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            changed += diff(va, vb, path + ".")
+        elif va != vb:
+            changed.append(path)
+    return changed

@@ -1,0 +1,1 @@
+"""Training: sharded state, the jit train step, checkpoints, progress, the loop."""

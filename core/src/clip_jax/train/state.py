@@ -1,0 +1,99 @@
+"""The train state, created already sharded, and the jit train step.
+
+The state is a plain dict ``{"step", "params", "opt_state"}``. Its shardings come from
+the parameters' logical axis names and the strategy's rules, and ``jax.jit`` with
+``out_shardings`` materialises it directly in place: no device ever holds a full copy
+unless the strategy replicates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from clip_jax.sharding import Layout
+
+State = dict[str, Any]
+
+
+def dummy_inputs(spec) -> tuple[jax.Array, jax.Array]:
+    v, t = spec.model.vision, spec.model.text
+    return (
+        jnp.zeros((1, v.image_size, v.image_size, 3), jnp.float32),
+        jnp.zeros((1, t.context_length), jnp.int32),
+    )
+
+
+def state_shardings(model: nn.Module, tx, layout: Layout, spec) -> tuple[Callable, Any, Any]:
+    """(init function, abstract unboxed state, shardings) for this model and layout."""
+    images, tokens = dummy_inputs(spec)
+
+    def boxed_init(rng: jax.Array) -> State:
+        params = model.init(rng, images, tokens)["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    abstract_boxed = jax.eval_shape(boxed_init, jax.random.key(0))
+    logical = nn.get_partition_spec(abstract_boxed)
+    with layout.mesh:
+        shardings = nn.logical_to_mesh_sharding(logical, layout.mesh, layout.rules)
+    abstract = jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        nn.unbox(abstract_boxed),
+        shardings,
+    )
+
+    def init(rng: jax.Array) -> State:
+        return nn.unbox(boxed_init(rng))
+
+    return init, abstract, shardings
+
+
+def create_state(model: nn.Module, tx, layout: Layout, spec, seed: int) -> tuple[State, Any]:
+    """A freshly initialised, sharded state, and its abstract twin (for restoring)."""
+    init, abstract, shardings = state_shardings(model, tx, layout, spec)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+    return state, abstract
+
+
+def make_train_step(model: nn.Module, loss_fn, tx, schedule, shardings) -> Callable:
+    def train_step(state: State, images_BxHxWxC: jax.Array, tokens_BxL: jax.Array):
+        def compute_loss(params):
+            img_emb_BxD, txt_emb_BxD, log_scale, bias = model.apply(
+                {"params": params}, images_BxHxWxC, tokens_BxL
+            )
+            return loss_fn(img_emb_BxD, txt_emb_BxD, log_scale, bias), (log_scale, bias)
+
+        grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+        (loss, (log_scale, bias)), grads = grad_fn(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+        }
+        metrics = {
+            "loss": loss,
+            "learning_rate": schedule(state["step"]),
+            "grad_norm": optax.global_norm(grads),
+            "temperature": jnp.exp(log_scale),
+            "logit_bias": bias,
+        }
+        return new_state, metrics
+
+    return jax.jit(train_step, out_shardings=(shardings, None), donate_argnums=0)
+
+
+def make_encoders(model: nn.Module) -> tuple[Callable, Callable]:
+    """jit-compiled (params, images) -> image embeddings and (params, tokens) -> text's."""
+    encode_images = jax.jit(
+        lambda params, images: model.apply({"params": params}, images, method="encode_images")
+    )
+    encode_texts = jax.jit(
+        lambda params, tokens: model.apply({"params": params}, tokens, method="encode_texts")
+    )
+    return encode_images, encode_texts

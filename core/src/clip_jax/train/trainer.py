@@ -1,0 +1,251 @@
+"""The training loop: spec -> components -> sharded state -> steps, evals, checkpoints.
+
+Rerunning a spec on its run folder resumes from the last checkpoint (a finished run
+returns at once); a different spec in a folder that holds a run is refused unless the
+caller passes ``force=True``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+import jax
+import numpy as np
+
+from clip_jax import spec as spec_lib
+from clip_jax.components import Components, components
+from clip_jax.data import pipeline
+from clip_jax.errors import UserError
+from clip_jax.evaluate import evaluate
+from clip_jax.run_folder import RunFolder
+from clip_jax.spec import RunSpec
+from clip_jax.train.checkpoint import Checkpoints
+from clip_jax.train.progress import Progress
+from clip_jax.train.signals import StopRequest
+from clip_jax.train.state import create_state, make_encoders, make_train_step, state_shardings
+
+
+class RunFolderConflict(UserError):
+    """The output folder holds a run made from another spec."""
+
+
+def check_run_folder(folder: RunFolder, spec: RunSpec, force: bool) -> None:
+    if not folder.exists() or force:
+        return
+    changed = spec_lib.diff(folder.read_spec(), spec_lib.to_dict(spec))
+    if changed:
+        raise RunFolderConflict(
+            f"{folder.path} holds a run made from another spec (differs in: "
+            f"{', '.join(changed)}). Choose another run.output_dir, or pass --force to "
+            "continue that run with this spec."
+        )
+
+
+def padded_encoder(fn: Callable, params: Any, batch_size: int) -> Callable:
+    """Encode any number of rows with one compiled shape (pad the last batch)."""
+
+    def encode(rows: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            pad = batch_size - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            out.append(np.asarray(fn(params, chunk))[: batch_size - pad])
+        return np.concatenate(out)
+
+    return encode
+
+
+def run_evaluation(
+    comps: Components, params: Any, tokenizer, encoders: tuple[Callable, Callable]
+) -> dict:
+    spec, source = comps.spec, comps.data
+    if not source.validation_files:
+        return {}
+    size = spec.eval.batch_size
+    encode_images = padded_encoder(encoders[0], params, size)
+    encode_tokens = padded_encoder(encoders[1], params, size)
+    dataset = pipeline.make_dataset(
+        source.validation_files,
+        image_size=spec.model.vision.image_size,
+        batch_size=size,
+        image_key=source.keys.image_key,
+        caption_key=source.keys.caption_key,
+        label_key=source.keys.label_key,
+        train=False,
+    )
+    return evaluate(
+        pipeline.iterate(dataset),
+        encode_images,
+        lambda texts: encode_tokens(tokenizer(texts)),
+        classes=source.classes,
+        templates=source.templates,
+        zero_shot_enabled=spec.eval.zero_shot,
+        retrieval_enabled=spec.eval.retrieval,
+        max_examples=spec.eval.max_examples,
+    )
+
+
+def load_tokenizer(comps: Components, folder: RunFolder, train_files: Sequence[str]):
+    saved = folder.tokenizer if folder.tokenizer.exists() else None
+    limit = getattr(comps.spec.tokenizer, "train_captions", 100_000)
+    captions = () if saved else pipeline.read_captions(
+        train_files, comps.data.keys.caption_key, limit
+    )
+    tokenizer = comps.tokenizer(saved=saved, captions=captions)
+    if saved is None:
+        tokenizer.save(folder.tokenizer)
+    vocab = comps.spec.model.text.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise UserError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is "
+            f"{vocab}: raise model.text.vocab_size or lower tokenizer.vocab_size"
+        )
+    return tokenizer
+
+
+def train(spec: RunSpec, force: bool = False, stream: TextIO | None = None) -> dict[str, Any]:
+    """Train (or resume) the run described by ``spec``; returns the final evaluation."""
+    folder = RunFolder(spec.run.output_dir)
+    check_run_folder(folder, spec, force)
+    folder.write_spec(spec_lib.to_toml(spec))
+    total = spec.train.steps
+    folder.write_status("running", step=0, steps=total)
+    try:
+        return _train(spec, folder, stream)
+    except BaseException as exc:
+        folder.write_status("failed", error=f"{type(exc).__name__}: {exc}", steps=total)
+        raise
+
+
+def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str, Any]:
+    comps = components(spec)
+    total, batch_size = spec.train.steps, spec.train.batch_size
+    layout = comps.layout
+    if batch_size % (layout.batch_divisor * jax.process_count()):
+        raise UserError(
+            f"train.batch_size ({batch_size}) must be divisible by the {layout.batch_divisor} "
+            f"devices of the batch axes"
+        )
+    progress = Progress(total, 0, folder, stream)
+    try:
+        progress.message(f"run folder {folder.path} | devices {jax.device_count()} | preparing data")
+        source = comps.data
+        train_files = source.train_files[jax.process_index() :: jax.process_count()]
+        tokenizer = load_tokenizer(comps, folder, source.train_files)
+        tx, schedule = comps.optimizer()
+        model = comps.model
+        _, abstract, shardings = state_shardings(model, tx, layout, spec)
+        checkpoints = Checkpoints(
+            folder.checkpoints, spec.train.keep_checkpoints, spec.train.checkpoint_every
+        )
+        latest = checkpoints.latest_step()
+        if latest is None:
+            state, _ = create_state(model, tx, layout, spec, spec.run.seed)
+            data_state = {"position": 0, "skipped": 0}
+        else:
+            state, data_state = checkpoints.restore(latest, abstract)
+            folder.truncate_metrics(latest)
+            progress.message(f"resumed from the checkpoint at step {latest}")
+        encoders = make_encoders(model)
+        step = int(state["step"])
+        final = folder.last_eval()
+        if step >= total and final is not None and final.get("step") == step:
+            progress.message(f"run already finished at step {step}")
+            folder.write_status("finished", step=step, steps=total)
+            checkpoints.close()
+            return final
+        results = _loop(
+            comps, folder, progress, checkpoints, tokenizer, state, data_state,
+            train_files, make_train_step(model, comps.loss.fn, tx, schedule, shardings), encoders,
+        )
+        checkpoints.close()
+        return results
+    finally:
+        progress.close()
+
+
+def _loop(comps, folder, progress, checkpoints, tokenizer, state, data_state, train_files,
+          train_step, encoders) -> dict[str, Any]:
+    spec = comps.spec
+    total, batch_size = spec.train.steps, spec.train.batch_size
+    layout, keys = comps.layout, comps.data.keys
+    local_batch = batch_size // jax.process_count()
+    step = int(state["step"])
+    position, skipped = data_state["position"], data_state.get("skipped", 0)
+    dataset = pipeline.make_dataset(
+        train_files,
+        image_size=spec.model.vision.image_size,
+        batch_size=local_batch,
+        image_key=keys.image_key,
+        caption_key=keys.caption_key,
+        train=True,
+        seed=spec.run.seed,
+        shuffle_buffer=keys.shuffle_buffer,
+        start_position=position,
+    )
+    batches = pipeline.iterate(dataset, start_position=position)
+    image_sharding, token_sharding = layout.batch_sharding(4), layout.batch_sharding(2)
+    results: dict[str, Any] = {}
+    timer, timed_steps = None, 0
+
+    def save(force: bool = False) -> None:
+        checkpoints.save(step, state, {"position": position, "skipped": skipped}, force=force)
+
+    with StopRequest() as stop:
+        while step < total:
+            batch = next(batches)
+            images = jax.make_array_from_process_local_data(image_sharding, batch.images)
+            tokens = jax.make_array_from_process_local_data(token_sharding, tokenizer(batch.captions))
+            state, metrics = train_step(state, images, tokens)
+            step += 1
+            position, skipped_now = batch.next_position, skipped + batch.skipped
+            if timer is None:  # the first step includes compilation: time from here on
+                jax.block_until_ready(metrics)
+                timer, timed_steps = time.perf_counter(), 0
+            else:
+                timed_steps += 1
+            if step % spec.train.log_every == 0 or step == total or stop.requested:
+                record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - timer
+                images_per_s = timed_steps * batch_size / elapsed if timed_steps else 0.0
+                timer, timed_steps = time.perf_counter(), 0
+                record |= {"images_per_s": images_per_s, "skipped_records": skipped_now}
+                _log_train(folder, progress, step, record, batch_size)
+                folder.write_status("running", step=step, steps=total)
+            eval_now = spec.eval.every and step % spec.eval.every == 0 and step < total
+            if eval_now:
+                results = _evaluate(comps, folder, progress, step, state, tokenizer, encoders)
+            if step % spec.train.checkpoint_every == 0 or step == total or stop.requested:
+                skipped = skipped_now
+                save(force=stop.requested)
+            if stop.requested:
+                checkpoints.close()
+                progress.message(f"stopped at step {step}; rerun the same command to resume")
+                folder.write_status("interrupted", step=step, steps=total)
+                raise KeyboardInterrupt
+            skipped = skipped_now
+    results = _evaluate(comps, folder, progress, step, state, tokenizer, encoders)
+    folder.write_status("finished", step=step, steps=total)
+    return results
+
+
+def _log_train(folder, progress, step, record, batch_size) -> None:
+    folder.append_metrics({"step": step, "split": "train", **record, "time": time.time()})
+    progress.update(step, {**record, "batch_size": batch_size})
+
+
+def _evaluate(comps, folder, progress, step, state, tokenizer, encoders) -> dict[str, Any]:
+    started = time.perf_counter()
+    results = run_evaluation(comps, state["params"], tokenizer, encoders)
+    if results:
+        record = {"step": step, "split": "validation", **results, "time": time.time()}
+        folder.append_metrics(record)
+        shown = " | ".join(
+            f"{k} {v:.3f}" for k, v in results.items() if isinstance(v, float)
+        )
+        progress.message(f"eval step {step} | {shown} | {time.perf_counter() - started:.1f}s")
+    return results
