@@ -179,8 +179,9 @@ def data() -> None:
 @click.option("--validation-examples", default=1024, show_default=True)
 @click.option("--image-size", default=32, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def synth(out_dir: str, train_examples: int, validation_examples: int, image_size: int,
-          seed: int) -> None:
+def synth(
+    out_dir: str, train_examples: int, validation_examples: int, image_size: int, seed: int
+) -> None:
     """Write captioned synthetic shapes as img2dataset-style tfrecord shards."""
     from clip_jax.data.synth_writer import write_synthetic
 

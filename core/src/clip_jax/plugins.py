@@ -212,9 +212,7 @@ def _has_dist(name: str) -> bool:
 def _make_register(kind, info: PluginInfo, components, templates) -> Callable[..., None]:
     def register_template(name: str, path: str | Path, description: str = "") -> None:
         if name in templates:
-            info.errors.append(
-                f"template {name!r} already registered by {templates[name].plugin}"
-            )
+            info.errors.append(f"template {name!r} already registered by {templates[name].plugin}")
             return
         path = Path(path)
         templates[name] = Template(name, path, description or _first_comment(path), info.name)
@@ -229,9 +227,7 @@ def _make_register(kind, info: PluginInfo, components, templates) -> Callable[..
     ) -> None:
         existing = components[kind].get(name)
         if existing is not None:
-            info.errors.append(
-                f"{kind} {name!r} already registered by {existing.plugin}; ignored"
-            )
+            info.errors.append(f"{kind} {name!r} already registered by {existing.plugin}; ignored")
             return
         components[kind][name] = Component(
             kind, name, factory, options, description, info.name, dict(presets or {})

@@ -62,7 +62,17 @@ COMPONENT_SECTIONS: dict[str, tuple[str, str, str]] = {
     "sharding": ("strategy", "sharding", "dp"),
 }
 
-SECTION_ORDER = ["run", "model", "loss", "optimizer", "train", "data", "tokenizer", "sharding", "eval"]
+SECTION_ORDER = [
+    "run",
+    "model",
+    "loss",
+    "optimizer",
+    "train",
+    "data",
+    "tokenizer",
+    "sharding",
+    "eval",
+]
 
 
 class SpecError(UserError):

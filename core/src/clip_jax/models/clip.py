@@ -49,9 +49,7 @@ class Clip(nn.Module):
             "logit_scale", nn.initializers.constant(math.log(self.init_temperature)), ()
         )
         if self.init_bias is not None:
-            self.logit_bias = self.param(
-                "logit_bias", nn.initializers.constant(self.init_bias), ()
-            )
+            self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.init_bias), ())
 
     def encode_images(self, images_BxHxWxC: jax.Array) -> jax.Array:
         return l2_normalize(self.vision_proj(self.vision(images_BxHxWxC)))

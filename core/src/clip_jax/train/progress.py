@@ -18,8 +18,14 @@ def format_eta(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, start: int, folder: RunFolder, stream: TextIO | None = None,
-                 plain_every_s: float = 10.0):
+    def __init__(
+        self,
+        total: int,
+        start: int,
+        folder: RunFolder,
+        stream: TextIO | None = None,
+        plain_every_s: float = 10.0,
+    ):
         self.total, self.step = total, start
         self.folder = folder
         self.stream = stream or sys.stderr

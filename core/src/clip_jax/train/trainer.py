@@ -92,8 +92,8 @@ def run_evaluation(
 def load_tokenizer(comps: Components, folder: RunFolder, train_files: Sequence[str]):
     saved = folder.tokenizer if folder.tokenizer.exists() else None
     limit = getattr(comps.spec.tokenizer, "train_captions", 100_000)
-    captions = () if saved else pipeline.read_captions(
-        train_files, comps.data.keys.caption_key, limit
+    captions = (
+        () if saved else pipeline.read_captions(train_files, comps.data.keys.caption_key, limit)
     )
     tokenizer = comps.tokenizer(saved=saved, captions=captions)
     if saved is None:
@@ -132,7 +132,9 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
         )
     progress = Progress(total, 0, folder, stream)
     try:
-        progress.message(f"run folder {folder.path} | devices {jax.device_count()} | preparing data")
+        progress.message(
+            f"run folder {folder.path} | devices {jax.device_count()} | preparing data"
+        )
         source = comps.data
         train_files = source.train_files[jax.process_index() :: jax.process_count()]
         tokenizer = load_tokenizer(comps, folder, source.train_files)
@@ -159,8 +161,16 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
             checkpoints.close()
             return final
         results = _loop(
-            comps, folder, progress, checkpoints, tokenizer, state, data_state,
-            train_files, make_train_step(model, comps.loss.fn, tx, schedule, shardings), encoders,
+            comps,
+            folder,
+            progress,
+            checkpoints,
+            tokenizer,
+            state,
+            data_state,
+            train_files,
+            make_train_step(model, comps.loss.fn, tx, schedule, shardings),
+            encoders,
         )
         checkpoints.close()
         return results
@@ -168,8 +178,18 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
         progress.close()
 
 
-def _loop(comps, folder, progress, checkpoints, tokenizer, state, data_state, train_files,
-          train_step, encoders) -> dict[str, Any]:
+def _loop(
+    comps,
+    folder,
+    progress,
+    checkpoints,
+    tokenizer,
+    state,
+    data_state,
+    train_files,
+    train_step,
+    encoders,
+) -> dict[str, Any]:
     spec = comps.spec
     total, batch_size = spec.train.steps, spec.train.batch_size
     layout, keys = comps.layout, comps.data.keys
@@ -199,7 +219,9 @@ def _loop(comps, folder, progress, checkpoints, tokenizer, state, data_state, tr
         while step < total:
             batch = next(batches)
             images = jax.make_array_from_process_local_data(image_sharding, batch.images)
-            tokens = jax.make_array_from_process_local_data(token_sharding, tokenizer(batch.captions))
+            tokens = jax.make_array_from_process_local_data(
+                token_sharding, tokenizer(batch.captions)
+            )
             state, metrics = train_step(state, images, tokens)
             step += 1
             position, skipped_now = batch.next_position, skipped + batch.skipped
@@ -244,8 +266,6 @@ def _evaluate(comps, folder, progress, step, state, tokenizer, encoders) -> dict
     if results:
         record = {"step": step, "split": "validation", **results, "time": time.time()}
         folder.append_metrics(record)
-        shown = " | ".join(
-            f"{k} {v:.3f}" for k, v in results.items() if isinstance(v, float)
-        )
+        shown = " | ".join(f"{k} {v:.3f}" for k, v in results.items() if isinstance(v, float))
         progress.message(f"eval step {step} | {shown} | {time.perf_counter() - started:.1f}s")
     return results

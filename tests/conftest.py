@@ -1,0 +1,52 @@
+"""Shared fixtures. Eight simulated CPU devices, set before anything imports jax."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "templates" / "quickstart.toml"
+
+# A model and run small enough for a test: a few seconds per run on 2 cores.
+SMALL_RUN = [
+    "model.vision.width=64",
+    "model.vision.depth=1",
+    "model.vision.heads=2",
+    "model.text.width=64",
+    "model.text.depth=1",
+    "model.text.heads=2",
+    "model.embed_dim=32",
+    "train.batch_size=64",
+    "train.log_every=5",
+    "eval.batch_size=64",
+    "eval.every=0",
+    "optimizer.warmup_steps=5",
+    "tokenizer.vocab_size=512",
+]
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """A small copy of the embedded dataset (written once per test session)."""
+    from clip_jax.data.synth_writer import write_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(out, train_examples=1024, validation_examples=256, workers=1)
+    return out
+
+
+@pytest.fixture
+def small_run(synthetic_dir, tmp_path) -> list[str]:
+    """Overrides that turn the quickstart into a seconds-long run in tmp_path."""
+    return SMALL_RUN + [
+        f"data.dir={synthetic_dir}",
+        "data.train_examples=1024",
+        "data.validation_examples=256",
+        f"run.output_dir={tmp_path / 'run'}",
+    ]
