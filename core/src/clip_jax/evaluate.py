@@ -19,6 +19,22 @@ EncodeImages = Callable[[np.ndarray], np.ndarray]
 EncodeTexts = Callable[[Sequence[str]], np.ndarray]
 
 
+def padded_encoder(fn: Callable, params: object, batch_size: int) -> Callable:
+    """Encode any number of rows with one compiled shape (pad the last batch)."""
+
+    def encode(rows: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            pad = batch_size - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            out.append(np.asarray(fn(params, chunk))[: batch_size - pad])
+        return np.concatenate(out)
+
+    return encode
+
+
 def class_embeddings(
     encode_texts: EncodeTexts, classes: Sequence[str], templates: Sequence[str]
 ) -> np.ndarray:

@@ -27,8 +27,8 @@ class LoadedClip:
     step: int
 
     def __post_init__(self) -> None:
+        from clip_jax.evaluate import padded_encoder
         from clip_jax.train.state import make_encoders
-        from clip_jax.train.trainer import padded_encoder
 
         images_fn, texts_fn = make_encoders(self.comps.model)
         size = self.comps.spec.eval.batch_size

@@ -133,7 +133,7 @@ class SyntheticDataOptions(RecordKeys):
 # ----------------------------------------------------------------------- tokenizer
 class BpeTokenizerOptions(Options):
     path: str | None = Field(None, description="tokenizer.json to load; else trained")
-    vocab_size: int = Field(1024, ge=32)
+    vocab_size: int = Field(1024, ge=259, description="at least the 256 bytes + 3 special tokens")
     lowercase: bool = True
     train_captions: int = Field(100_000, ge=1, description="captions used to train it")
 

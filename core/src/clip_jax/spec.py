@@ -14,6 +14,7 @@ import tomllib
 import types
 import typing
 from collections.abc import Iterable, Mapping
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +154,7 @@ def validate(raw: Mapping[str, Any], registry: Registry | None = None) -> RunSpe
     for section, (selector, kind, default) in COMPONENT_SECTIONS.items():
         # Until a section's component is known it is a plain table, so that the rest of
         # the spec is still checked and every problem is reported at once.
-        fields[section] = (dict[str, Any], Field(default_factory=dict))
+        fields[section] = dict[str, Any]
         table = raw.get(section, {})
         if not isinstance(table, Mapping):
             continue  # pydantic reports "must be a table"
@@ -175,16 +176,10 @@ def validate(raw: Mapping[str, Any], registry: Registry | None = None) -> RunSpe
                 )
                 continue
             raw[section] = _deep_merge(component.presets[preset], table)
-        section_model = create_model(
-            f"{section.title()}Spec",
-            __base__=component.options or Options,
-            **{selector: (typing.Literal[name], name)},
-        )
-        fields[section] = (section_model, Field(default_factory=dict, validate_default=True))
-    for section, model in FIXED_SECTIONS.items():
-        fields[section] = (model, Field(default_factory=dict, validate_default=True))
+        fields[section] = _section_model(section, selector, name, component.options or Options)
+    fields.update(FIXED_SECTIONS)
 
-    spec_model = create_model("RunSpec", __base__=RunSpec, **fields)
+    spec_model = _spec_model(tuple(fields.items()))
     try:
         spec = spec_model.model_validate(raw)
     except ValidationError as exc:
@@ -192,6 +187,24 @@ def validate(raw: Mapping[str, Any], registry: Registry | None = None) -> RunSpe
     if problems:
         raise SpecError(sorted(set(problems), key=problems.index))
     return spec
+
+
+# Built classes are cached so that validating equal input twice gives equal specs
+# (pydantic compares the class as well as the values).
+@cache
+def _section_model(section: str, selector: str, name: str, options: type) -> type[BaseModel]:
+    return create_model(
+        f"{section.title()}Spec", __base__=options, **{selector: (typing.Literal[name], name)}
+    )
+
+
+@cache
+def _spec_model(sections: tuple[tuple[str, type], ...]) -> type[RunSpec]:
+    fields = {
+        name: (kind, Field(default_factory=dict, validate_default=kind is not dict[str, Any]))
+        for name, kind in sections
+    }
+    return create_model("RunSpec", __base__=RunSpec, **fields)
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:

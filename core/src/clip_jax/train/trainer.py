@@ -12,13 +12,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import jax
-import numpy as np
 
 from clip_jax import spec as spec_lib
 from clip_jax.components import Components, components
 from clip_jax.data import pipeline
 from clip_jax.errors import UserError
-from clip_jax.evaluate import evaluate
+from clip_jax.evaluate import evaluate, padded_encoder
 from clip_jax.run_folder import RunFolder
 from clip_jax.spec import RunSpec
 from clip_jax.train.checkpoint import Checkpoints
@@ -41,22 +40,6 @@ def check_run_folder(folder: RunFolder, spec: RunSpec, force: bool) -> None:
             f"{', '.join(changed)}). Choose another run.output_dir, or pass --force to "
             "continue that run with this spec."
         )
-
-
-def padded_encoder(fn: Callable, params: Any, batch_size: int) -> Callable:
-    """Encode any number of rows with one compiled shape (pad the last batch)."""
-
-    def encode(rows: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            pad = batch_size - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            out.append(np.asarray(fn(params, chunk))[: batch_size - pad])
-        return np.concatenate(out)
-
-    return encode
 
 
 def run_evaluation(
@@ -116,9 +99,17 @@ def train(spec: RunSpec, force: bool = False, stream: TextIO | None = None) -> d
     folder.write_status("running", step=0, steps=total)
     try:
         return _train(spec, folder, stream)
+    except KeyboardInterrupt:
+        if folder.status().get("state") != "interrupted":  # a second Ctrl-C
+            folder.write_status("interrupted", step=_last_step(folder), steps=total)
+        raise
     except BaseException as exc:
         folder.write_status("failed", error=f"{type(exc).__name__}: {exc}", steps=total)
         raise
+
+
+def _last_step(folder: RunFolder) -> int:
+    return max((r.get("step", 0) for r in folder.metrics()), default=0)
 
 
 def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str, Any]:
@@ -137,6 +128,11 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
         )
         source = comps.data
         train_files = source.train_files[jax.process_index() :: jax.process_count()]
+        if not train_files:
+            raise UserError(
+                f"{len(source.train_files)} training shards cannot feed "
+                f"{jax.process_count()} processes: write more, smaller shards"
+            )
         tokenizer = load_tokenizer(comps, folder, source.train_files)
         tx, schedule = comps.optimizer()
         model = comps.model
