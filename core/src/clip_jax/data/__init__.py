@@ -1,0 +1,1 @@
+"""Input pipeline: data sources, the embedded synthetic dataset, tokenizers, tf.data."""

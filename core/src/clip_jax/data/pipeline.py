@@ -1,0 +1,126 @@
+"""tf.data over tfrecord shards (img2dataset / DataComp layout) -> numpy batches.
+
+Order is a pure function of the seed: files are listed and sorted, records are
+shuffled with a fixed seed and repeated, and each record carries its position in that
+stream. A checkpoint stores the next position, so a resumed run skips exactly the
+records it had consumed (skipping raw records, before any decoding). Records that fail
+to parse or decode are dropped and counted from the gaps in those positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from clip_jax.data.tf_setup import import_tf
+
+# CLIP's normalisation constants, so exported models preprocess like OpenAI's.
+MEAN_RGB = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+STD_RGB = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+@dataclass
+class Batch:
+    images: np.ndarray  # B x H x W x 3 float32, normalised
+    captions: list[str]
+    labels: np.ndarray | None  # B int64, or None when the records carry no label
+    next_position: int  # position in the record stream after this batch
+    skipped: int  # records dropped so far (corrupt or undecodable)
+
+
+def expand_files(patterns: str | Sequence[str]) -> list[str]:
+    """Globs or paths (local or gs://) -> sorted list of existing files."""
+    tf = import_tf()
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    files: list[str] = []
+    for pattern in patterns:
+        matched = tf.io.gfile.glob(pattern)
+        if not matched:
+            raise FileNotFoundError(f"no files match {pattern!r}")
+        files += matched
+    return sorted(set(files))
+
+
+def _preprocess(tf, image_bytes, image_size: int):
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = image_size / tf.reduce_min(shape)
+    resized = tf.cast(tf.math.ceil(shape * scale), tf.int32)
+    image = tf.image.resize(image, resized, method="bicubic", antialias=True)
+    image = tf.image.resize_with_crop_or_pad(image, image_size, image_size)
+    return (tf.clip_by_value(image, 0.0, 1.0) - MEAN_RGB) / STD_RGB
+
+
+def make_dataset(
+    files: Sequence[str],
+    *,
+    image_size: int,
+    batch_size: int,
+    image_key: str = "jpg",
+    caption_key: str = "txt",
+    label_key: str | None = None,
+    train: bool = True,
+    seed: int = 0,
+    shuffle_buffer: int = 4096,
+    start_position: int = 0,
+):
+    """A tf.data pipeline yielding (position, image, caption[, label]) batches."""
+    tf = import_tf()
+    ds = tf.data.TFRecordDataset(list(files), num_parallel_reads=min(len(files), 8))
+    if train:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.enumerate().skip(start_position)
+    features = {
+        image_key: tf.io.FixedLenFeature([], tf.string),
+        caption_key: tf.io.FixedLenFeature([], tf.string),
+    }
+    if label_key:
+        features[label_key] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
+
+    def decode(position, record):
+        example = tf.io.parse_single_example(record, features)
+        out = {
+            "position": position,
+            "image": _preprocess(tf, example[image_key], image_size),
+            "caption": example[caption_key],
+        }
+        if label_key:
+            out["label"] = example[label_key]
+        return out
+
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors()
+    ds = ds.batch(batch_size, drop_remainder=train)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 2
+    options.deterministic = True
+    return ds.with_options(options).prefetch(2)
+
+
+def iterate(dataset, start_position: int = 0) -> Iterator[Batch]:
+    """Numpy batches, with the record-stream position and the running skip count."""
+    expected, seen = start_position, 0
+    for item in dataset.as_numpy_iterator():
+        positions = item["position"]
+        seen += len(positions)
+        expected = int(positions[-1]) + 1
+        yield Batch(
+            images=item["image"],
+            captions=[c.decode("utf-8", "replace") for c in item["caption"]],
+            labels=item.get("label"),
+            next_position=expected,
+            skipped=expected - start_position - seen,
+        )
+
+
+def read_captions(files: Sequence[str], caption_key: str, limit: int) -> Iterator[str]:
+    """Up to ``limit`` captions, parsing only the caption feature (to train a tokenizer)."""
+    tf = import_tf()
+    features = {caption_key: tf.io.FixedLenFeature([], tf.string)}
+    ds = tf.data.TFRecordDataset(list(files)).take(limit)
+    ds = ds.map(lambda r: tf.io.parse_single_example(r, features)[caption_key]).ignore_errors()
+    for caption in ds.batch(1024).as_numpy_iterator():
+        yield from (c.decode("utf-8", "replace") for c in caption)

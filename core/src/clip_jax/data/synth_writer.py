@@ -1,0 +1,97 @@
+"""``clipctl data synth``: the embedded dataset written as img2dataset-style shards.
+
+Layout: ``train/00000.tfrecord...``, ``validation/00000.tfrecord...``, ``classes.json``
+(class names and prompt templates for zero-shot evaluation) and ``dataset.json`` (the
+settings that produced it, so a later run can tell whether it can reuse the folder).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from clip_jax.data import synthetic
+from clip_jax.data.shards import serialize, write_shard
+
+EXAMPLES_PER_SHARD = 2048
+# Validation examples use a different seed stream, so they never repeat a training image.
+VALIDATION_SEED_OFFSET = 1_000_003
+
+
+def _render(args: tuple[int, int, int, int]) -> list[tuple[str, bytes, str, int]]:
+    """Runs in a worker process: drawing needs only PIL and numpy, never TensorFlow."""
+    seed, start, stop, image_size = args
+    return [
+        (f"{index:09d}", *synthetic.make_example(seed, index, image_size))
+        for index in range(start, stop)
+    ]
+
+
+def settings(train_examples: int, validation_examples: int, image_size: int, seed: int) -> dict:
+    return {
+        "generator": "clip_jax.synthetic/1",
+        "train_examples": train_examples,
+        "validation_examples": validation_examples,
+        "image_size": image_size,
+        "seed": seed,
+        "classes": synthetic.CLASSES,
+    }
+
+
+def is_complete(out_dir: str | Path, wanted: dict) -> bool:
+    marker = Path(out_dir) / "dataset.json"
+    try:
+        return json.loads(marker.read_text()) == wanted
+    except (OSError, ValueError):
+        return False
+
+
+def write_synthetic(
+    out_dir: str | Path,
+    train_examples: int = 20000,
+    validation_examples: int = 1024,
+    image_size: int = 32,
+    seed: int = 0,
+    workers: int | None = None,
+) -> dict:
+    """Write (or reuse) the dataset in ``out_dir``; returns its settings."""
+    out = Path(out_dir)
+    wanted = settings(train_examples, validation_examples, image_size, seed)
+    if is_complete(out, wanted):
+        return wanted
+    if out.exists() and any(out.iterdir()) and not (out / "dataset.json").exists():
+        raise FileExistsError(f"{out} exists and was not written by `clipctl data synth`")
+    out.mkdir(parents=True, exist_ok=True)
+    # Claim the folder first: an interrupted write is recognised as ours and redone.
+    (out / "dataset.json").write_text(json.dumps({**wanted, "complete": False}) + "\n")
+    jobs = []
+    for split, count, split_seed in (
+        ("train", train_examples, seed),
+        ("validation", validation_examples, seed + VALIDATION_SEED_OFFSET),
+    ):
+        folder = out / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.tfrecord"):
+            old.unlink()
+        for shard, start in enumerate(range(0, count, EXAMPLES_PER_SHARD)):
+            stop = min(start + EXAMPLES_PER_SHARD, count)
+            jobs.append((str(folder / f"{shard:05d}.tfrecord"), split_seed, start, stop, image_size))
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    renders = [job[1:] for job in jobs]
+    if workers > 1:
+        # spawn, not fork: the parent may already run TensorFlow's or JAX's threads.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            examples = pool.map(_render, renders)
+            for (path, *_), shard in zip(jobs, examples, strict=True):
+                write_shard(path, (serialize(*example) for example in shard))
+    else:
+        for (path, *_), render in zip(jobs, renders, strict=True):
+            write_shard(path, (serialize(*example) for example in _render(render)))
+    classes = {"classes": synthetic.CLASSES, "templates": synthetic.PROMPT_TEMPLATES}
+    (out / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
+    (out / "dataset.json").write_text(json.dumps(wanted, indent=2) + "\n")
+    return wanted

@@ -1,0 +1,79 @@
+"""Tokenizers: Hugging Face ``tokenizers`` byte-level BPE, loaded or trained on captions.
+
+Conventions the text tower relies on: id 0 is padding, every sequence is
+``<start_of_text> ... <end_of_text>`` and is truncated so the end token survives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from clip_jax.schemas import BpeTokenizerOptions
+
+PAD, BOS, EOS = "<pad>", "<start_of_text>", "<end_of_text>"
+
+
+class TextTokenizer:
+    """Wraps a ``tokenizers.Tokenizer`` to give fixed-length int32 arrays."""
+
+    def __init__(self, tokenizer: Tokenizer, context_length: int):
+        if tokenizer.token_to_id(PAD) != 0:
+            raise ValueError(f"tokenizer must map {PAD} to id 0")
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        tokenizer.enable_truncation(context_length)
+        tokenizer.enable_padding(pad_id=0, pad_token=PAD, length=context_length)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        encodings = self.tokenizer.encode_batch(list(texts))
+        return np.asarray([e.ids for e in encodings], dtype=np.int32)
+
+    def save(self, path: str | Path) -> None:
+        self.tokenizer.save(str(path))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, lowercase: bool = True) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    steps = [normalizers.NFC()] + ([normalizers.Lowercase()] if lowercase else [])
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}",
+        special_tokens=[(BOS, tokenizer.token_to_id(BOS)), (EOS, tokenizer.token_to_id(EOS))],
+    )
+    return tokenizer
+
+
+def bpe_tokenizer(
+    options: BpeTokenizerOptions,
+    context_length: int,
+    saved: str | Path | None = None,
+    captions: Iterable[str] = (),
+) -> TextTokenizer:
+    """Factory registered as tokenizer ``bpe``.
+
+    Loads ``saved`` (the run folder's copy) first, then ``options.path``; otherwise
+    trains on ``captions``.
+    """
+    for path in (saved, options.path):
+        if path and Path(path).exists():
+            return TextTokenizer(Tokenizer.from_file(str(path)), context_length)
+    if options.path:
+        raise FileNotFoundError(f"tokenizer.path: {options.path} does not exist")
+    return TextTokenizer(train_bpe(captions, options.vocab_size, options.lowercase), context_length)
