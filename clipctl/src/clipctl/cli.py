@@ -82,6 +82,17 @@ def show(spec: str, overrides: tuple[str, ...]) -> None:
 def run(spec: str, overrides: tuple[str, ...], force: bool) -> None:
     """Train (or resume) the run a spec describes."""
     resolved = _load(spec, overrides)
+    from clip_jax.run_folder import RunFolder
+    from clip_jax.spec import to_toml
+
+    # A finished run answers at once, before jax and TensorFlow are imported.
+    done = RunFolder(resolved.run.output_dir).finished_result(
+        to_toml(resolved), resolved.train.steps
+    )
+    if done is not None:
+        click.echo(f"run already finished at step {done['step']}", err=True)
+        click.echo(json.dumps({"run_dir": resolved.run.output_dir, **done}))
+        return
     from clip_jax.errors import UserError
     from clip_jax.train.trainer import train
 

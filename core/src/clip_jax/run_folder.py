@@ -83,6 +83,15 @@ class RunFolder:
         evals = [r for r in self.metrics() if r.get("split") == "validation"]
         return evals[-1] if evals else None
 
+    def finished_result(self, spec_text: str, steps: int) -> dict[str, Any] | None:
+        """The final evaluation if this folder holds *this* spec's finished run, else None."""
+        if self.status().get("state") != "finished" or not self.exists():
+            return None
+        if self.spec_path.read_text() != spec_text:
+            return None
+        final = self.last_eval()
+        return final if final is not None and final.get("step") == steps else None
+
     # ------------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
         try:

@@ -8,8 +8,15 @@ from pathlib import Path
 from clip_jax.data.tf_setup import import_tf
 
 
-def serialize(key: str, image: bytes, caption: str, label: int | None = None,
-              image_key: str = "jpg", caption_key: str = "txt", label_key: str = "label") -> bytes:
+def serialize(
+    key: str,
+    image: bytes,
+    caption: str,
+    label: int | None = None,
+    image_key: str = "jpg",
+    caption_key: str = "txt",
+    label_key: str = "label",
+) -> bytes:
     tf = import_tf()
 
     def as_bytes(value: bytes) -> object:

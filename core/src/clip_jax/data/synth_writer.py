@@ -78,7 +78,9 @@ def write_synthetic(
             old.unlink()
         for shard, start in enumerate(range(0, count, EXAMPLES_PER_SHARD)):
             stop = min(start + EXAMPLES_PER_SHARD, count)
-            jobs.append((str(folder / f"{shard:05d}.tfrecord"), split_seed, start, stop, image_size))
+            jobs.append(
+                (str(folder / f"{shard:05d}.tfrecord"), split_seed, start, stop, image_size)
+            )
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     renders = [job[1:] for job in jobs]
     if workers > 1:

@@ -74,7 +74,9 @@ def make_example(seed: int, index: int, image_size: int) -> tuple[bytes, str, in
     radius = SIZES[size] * big / 2 * rng.uniform(0.9, 1.1)
     _draw(ImageDraw.Draw(image), shape, px * big + offset[0], py * big + offset[1], radius, fill)
     image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
-    pixels = np.asarray(image, dtype=np.int16) + rng.integers(-8, 9, size=(image_size, image_size, 3))
+    pixels = np.asarray(image, dtype=np.int16) + rng.integers(
+        -8, 9, size=(image_size, image_size, 3)
+    )
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=95)
