@@ -50,6 +50,12 @@ class Progress:
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()
 
+    def resume_at(self, step: int) -> None:
+        """After restoring a checkpoint: the bar starts where the run left off."""
+        self.step = step
+        if self.bar is not None:
+            self.bar.reset(self.task, total=self.total, completed=step, info="")
+
     def message(self, text: str) -> None:
         """A line for the user (and the log) that is not a progress update."""
         self.folder.log(text)

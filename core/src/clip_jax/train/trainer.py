@@ -150,6 +150,7 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
             progress.message(f"resumed from the checkpoint at step {latest}")
         encoders = make_encoders(model)
         step = int(state["step"])
+        progress.resume_at(step)
         final = folder.last_eval()
         if step >= total and final is not None and final.get("step") == step:
             progress.message(f"run already finished at step {step}")
