@@ -1,0 +1,183 @@
+"""Run folders under the runs root: state, live loss curve, numbers, log tail, actions.
+
+Everything shown is read from the run folders once a second; stop / resume / evaluate
+go through ``clipctl.runs`` (signals and separate processes), never into the trainer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Log
+
+from clipctl.screens import navigation
+from clipctl.widgets.loss_plot import LossPlot
+from clipctl.widgets.run_details import RunDetails, state_markup
+
+LOG_LINES = 50
+
+
+class RunsScreen(Screen):
+    BINDINGS = navigation("runs") + [
+        Binding("s", "stop", "Stop", id="runs.stop"),
+        Binding("r", "resume", "Resume", id="runs.resume"),
+        Binding("e", "evaluate", "Evaluate", id="runs.evaluate"),
+        Binding("f5", "refresh_runs", "Refresh", id="runs.refresh"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.summaries: dict[str, object] = {}
+        self.selected: str | None = None
+        self.pending_select: Path | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield DataTable(id="run-table", cursor_type="row", zebra_stripes=True)
+        with Horizontal(id="run-detail"):
+            yield LossPlot(id="loss-plot")
+            yield RunDetails(id="run-stats")
+        yield Log(id="run-log", max_lines=LOG_LINES)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = f"runs in {self.app.runs_root}"
+        table = self.query_one(DataTable)
+        table.add_columns("run", "state", "step", "loss", "zero-shot")
+        self.action_refresh_runs()
+        self.set_interval(1.0, self.action_refresh_runs)
+        table.focus()
+
+    def select_run(self, run_dir: Path) -> None:
+        self.pending_select = Path(run_dir)
+        self.action_refresh_runs()
+
+    # ---------------------------------------------------------------- refreshing
+    def action_refresh_runs(self) -> None:
+        from clipctl import runs
+
+        table = self.query_one(DataTable)
+        found = runs.find_runs(self.app.runs_root)
+        if self.pending_select is not None:
+            found_paths = {s.path.resolve(): s.name for s in found}
+            target = self.pending_select.resolve()
+            if target not in found_paths and target.exists():
+                found.append(runs.summarize(target))
+                found_paths[target] = found[-1].name
+            if target in found_paths:
+                self.selected = found_paths[target]
+                self.pending_select = None
+        self.summaries = {s.name: s for s in found}
+        names = [s.name for s in found]
+        current = [str(row.value) for row in table.rows]
+        if names != current:
+            table.clear()
+            for s in found:
+                table.add_row(*self._cells(s), key=s.name)
+        else:
+            for s in found:
+                for column, value in zip(table.columns, self._cells(s), strict=True):
+                    table.update_cell(s.name, column, value)
+        if self.selected in self.summaries:
+            row = names.index(self.selected)
+            if table.cursor_row != row:
+                table.move_cursor(row=row)
+        elif names:
+            self.selected = names[min(table.cursor_row, len(names) - 1)]
+        self._show_selected()
+
+    @staticmethod
+    def _cells(s) -> tuple[str, str, str, str, str]:
+        steps = f"{s.step}/{s.steps}" if s.steps else str(s.step)
+        loss = f"{s.loss:.4f}" if s.loss is not None else "-"
+        top1 = (s.evaluation or {}).get("zero_shot_top1")
+        return (
+            s.name,
+            state_markup(s.state),
+            steps,
+            loss,
+            f"{top1:.3f}" if top1 is not None else "-",
+        )
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key is not None and event.row_key.value in self.summaries:
+            self.selected = str(event.row_key.value)
+            self._show_selected()
+
+    def _show_selected(self) -> None:
+        from clip_jax.run_folder import RunFolder
+
+        summary = self.summaries.get(self.selected) if self.selected else None
+        self.query_one(RunDetails).show(summary)
+        plot, log = self.query_one(LossPlot), self.query_one(Log)
+        if summary is None:
+            plot.show([], [])
+            log.clear()
+            return
+        folder = RunFolder(summary.path)
+        train = [r for r in folder.metrics() if r.get("split") == "train" and "loss" in r]
+        plot.show([r["step"] for r in train], [r["loss"] for r in train])
+        try:
+            tail = folder.log_path.read_text().splitlines()[-LOG_LINES:]
+        except OSError:
+            tail = []
+        if getattr(log, "shown_tail", None) != tail:
+            log.clear()
+            log.write_lines(tail)
+            log.shown_tail = tail
+
+    # ------------------------------------------------------------------ actions
+    def _selected_summary(self):
+        summary = self.summaries.get(self.selected) if self.selected else None
+        if summary is None:
+            self.notify("no run selected", severity="warning")
+        return summary
+
+    def action_stop(self) -> None:
+        from clipctl import runs
+
+        summary = self._selected_summary()
+        if summary is None:
+            return
+        if runs.stop(summary.path):
+            self.notify(f"stopping {summary.name}: it saves a checkpoint, then exits")
+        else:
+            self.notify(f"{summary.name} is not running", severity="warning")
+
+    def action_resume(self) -> None:
+        from clipctl import runs
+
+        summary = self._selected_summary()
+        if summary is None:
+            return
+        try:
+            resumed = runs.resume(summary.path)
+        except (ValueError, OSError) as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.notify(f"resuming {summary.name} (pid {resumed.pid})")
+        self.action_refresh_runs()
+
+    def action_evaluate(self) -> None:
+        summary = self._selected_summary()
+        if summary is not None:
+            self.notify(f"evaluating {summary.name}...")
+            self.evaluate(summary.path, summary.name)
+
+    @work(thread=True, exclusive=True, group="evaluate")
+    def evaluate(self, path: Path, name: str) -> dict:
+        from clipctl import runs
+
+        try:
+            results = runs.evaluate(path)
+        except RuntimeError as exc:
+            self.app.call_from_thread(self.notify, str(exc), severity="error")
+            raise
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in results.items() if isinstance(v, float))
+        self.app.call_from_thread(self.notify, f"{name}: {shown}", timeout=10)
+        return results

@@ -1,0 +1,1 @@
+"""Reusable widgets: form fields, the loss plot, run details."""
