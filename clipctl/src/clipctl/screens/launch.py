@@ -58,8 +58,8 @@ class LaunchScreen(Screen):
         yield Header()
         with VerticalScroll(id="launch-pane"):
             yield Static(
-                f"[b]spec[/b] {self.path}\n[b]run folder[/b] {output_dir}\n\n"
-                "[b]changed from the template[/b]\n" + "\n".join(diff),
+                f"spec:       {self.path}\nrun folder: {output_dir}\n\n"
+                "[b]changed from the template[/b]\n" + "\n".join(diff) + "\n",
                 id="launch-summary",
             )
             resolved_toml = to_toml(validate(edited))

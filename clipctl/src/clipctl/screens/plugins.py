@@ -33,9 +33,9 @@ class PluginsScreen(Screen):
         table.clear()
         errors = []
         for info in get_registry().plugins:
-            registers = "; ".join(f"{k}: {', '.join(v)}" for k, v in info.registers.items())
+            lines = [f"{k}: {', '.join(v)}" for k, v in info.registers.items()] or ["-"]
             origin = f"{info.distribution or '-'} {info.version or ''}".strip()
             name = f"[red]{info.name} (error)[/red]" if info.errors else info.name
-            table.add_row(name, origin, registers or "-", key=info.name)
+            table.add_row(name, origin, "\n".join(lines), key=info.name, height=len(lines))
             errors += [f"[red]{info.name}[/red]: {error}" for error in info.errors]
         self.query_one("#plugin-errors", Static).update("\n".join(errors) or "no load errors")

@@ -6,6 +6,7 @@ go through ``clipctl.runs`` (signals and separate processes), never into the tra
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from textual import work
@@ -35,6 +36,7 @@ class RunsScreen(Screen):
         self.summaries: dict[str, object] = {}
         self.selected: str | None = None
         self.pending_select: Path | None = None
+        self.ready = False
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -46,16 +48,19 @@ class RunsScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = f"runs in {self.app.runs_root}"
+        self.sub_title = f"runs in {os.path.relpath(self.app.runs_root)}"
         table = self.query_one(DataTable)
         table.add_columns("run", "state", "step", "loss", "zero-shot")
         self.action_refresh_runs()
         self.set_interval(1.0, self.action_refresh_runs)
         table.focus()
+        self.ready = True
 
     def select_run(self, run_dir: Path) -> None:
+        """Select a run (e.g. one just launched) at the next refresh."""
         self.pending_select = Path(run_dir)
-        self.action_refresh_runs()
+        if self.ready:
+            self.action_refresh_runs()
 
     # ---------------------------------------------------------------- refreshing
     def action_refresh_runs(self) -> None:

@@ -1,0 +1,200 @@
+"""The Textual app driven by its Pilot: edit, validate, save, launch, watch, stop, resume."""
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import tomlkit
+from textual.widgets import DataTable, Input
+
+from clip_jax.plugins import hookimpl, register_plugin, unregister_plugin
+from clip_jax.spec import SpecError, load_spec
+from clipctl.app import ClipctlApp
+from clipctl.screens.editor import EditorScreen
+from clipctl.screens.launch import LaunchScreen
+from clipctl.screens.runs import RunsScreen
+from clipctl.widgets.field_row import FieldRow
+from tests.conftest import QUICKSTART
+
+SIZE = (80, 24)
+
+
+def write_spec(path: Path, overrides: list[str]) -> Path:
+    """The quickstart template with overrides applied, comments kept (like a saved spec)."""
+    from clipctl.spec_edit import load_document, parse_input, set_value
+
+    doc = load_document(QUICKSTART)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        set_value(doc, key, parse_input(value))
+    path.write_text(tomlkit.dumps(doc))
+    return path
+
+
+async def show_section(pilot, editor: EditorScreen, section: str) -> None:
+    sections = editor.query_one("#sections")
+    sections.highlighted = [o.id for o in sections.options].index(section)
+    await pilot.pause()
+
+
+async def type_into(pilot, editor: EditorScreen, path: str, text: str) -> FieldRow:
+    field = editor.query_one("#field-" + path.replace(".", "--"), Input)
+    field.focus()
+    field.value = text
+    await pilot.pause()
+    return next(row for row in editor.query(FieldRow) if row.field.path == path)
+
+
+async def wait_until(pilot, condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.25)
+
+
+def run_state(app: ClipctlApp, name: str) -> str | None:
+    screen = app.screen
+    if not isinstance(screen, RunsScreen) or name not in screen.summaries:
+        return None
+    return screen.summaries[name].state
+
+
+def test_edit_template_invalid_value_fix_and_save(tmp_path):
+    async def scenario():
+        app = ClipctlApp(runs_root=tmp_path / "runs", cwd=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("enter")  # the highlighted template: quickstart
+            editor = app.screen
+            assert isinstance(editor, EditorScreen)
+
+            await show_section(pilot, editor, "train")
+            row = await type_into(pilot, editor, "train.steps", "abc")
+            with pytest.raises(SpecError) as cli_error:
+                load_spec(QUICKSTART, ["train.steps=abc"])
+            (path, message), *_ = cli_error.value.problems
+            assert path == "train.steps"
+            assert row.has_class("-invalid")
+            assert editor.problems == {"train.steps": message}  # what `validate` prints
+            await pilot.press("ctrl+s")
+            assert not any(s.__class__.__name__ == "SaveScreen" for s in app.screen_stack)
+
+            row = await type_into(pilot, editor, "train.steps", "120")
+            assert not row.has_class("-invalid") and editor.problems == {}
+            await show_section(pilot, editor, "optimizer")
+            await type_into(pilot, editor, "optimizer.learning_rate", "0.003")
+
+            await pilot.press("ctrl+s")
+            save_path = app.screen.query_one("#save-path", Input)
+            save_path.value = str(tmp_path / "specs" / "mine.toml")
+            await pilot.press("enter")
+            await pilot.pause()
+
+        saved = tmp_path / "specs" / "mine.toml"
+        text = saved.read_text()
+        assert "# Quickstart: a tiny CLIP" in text  # the template's comments survive
+        spec = load_spec(saved)
+        assert spec.train.steps == 120 and spec.optimizer.learning_rate == 0.003
+
+    asyncio.run(scenario())
+
+
+def test_switching_the_loss_shows_its_own_fields(tmp_path):
+    async def scenario():
+        app = ClipctlApp(runs_root=tmp_path / "runs", cwd=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            app.open_editor(tmp_path / "x.toml", QUICKSTART)
+            await pilot.pause()
+            editor = app.screen
+            await show_section(pilot, editor, "loss")
+            paths = {row.field.path for row in editor.query(FieldRow)}
+            assert "loss.max_temperature" in paths and "loss.init_bias" not in paths
+            editor.query_one("#field-loss--name").value = "sigmoid"
+            await pilot.pause()
+            paths = {row.field.path for row in editor.query(FieldRow)}
+            assert "loss.init_bias" in paths and "loss.max_temperature" not in paths
+            assert editor.problems == {}
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_launch_watch_stop_resume_from_the_tui(small_run, tmp_path):
+    runs_root = tmp_path / "runs"
+    overrides = [o for o in small_run if not o.startswith("run.output_dir")]
+    spec_path = write_spec(
+        tmp_path / "tiny.toml",
+        overrides
+        + [
+            f"run.output_dir={runs_root / 'tiny'}",
+            "train.steps=120",
+            "train.log_every=1",
+            "train.checkpoint_every=1000",
+        ],
+    )
+
+    async def scenario():
+        app = ClipctlApp(runs_root=runs_root, cwd=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            app.open_editor(spec_path)
+            await pilot.pause()
+            await pilot.press("ctrl+l")
+            assert isinstance(app.screen, LaunchScreen)
+            await pilot.press("ctrl+l")
+            await pilot.pause()
+            assert isinstance(app.screen, RunsScreen)
+            await wait_until(pilot, lambda: run_state(app, "tiny") == "running", 120, "running")
+            await wait_until(
+                pilot, lambda: app.screen.summaries["tiny"].step >= 3, 120, "a few steps"
+            )
+            table = app.screen.query_one(DataTable)
+            assert "running" in str(table.get_row("tiny")[1])
+
+            await pilot.press("s")
+            await wait_until(pilot, lambda: run_state(app, "tiny") == "interrupted", 60, "stop")
+            stopped_at = app.screen.summaries["tiny"].step
+            assert stopped_at in app.screen.summaries["tiny"].checkpoints
+
+            await pilot.press("r")
+            await wait_until(pilot, lambda: run_state(app, "tiny") == "finished", 240, "finish")
+            summary = app.screen.summaries["tiny"]
+            assert summary.step == 120
+            assert summary.evaluation["zero_shot_top1"] > 1 / 16
+            assert "finished" in str(app.screen.query_one(DataTable).get_row("tiny")[1])
+
+        from clip_jax.run_folder import RunFolder
+
+        steps = [
+            r["step"] for r in RunFolder(runs_root / "tiny").metrics() if r["split"] == "train"
+        ]
+        assert steps == list(range(1, 121))  # resumed where it stopped, nothing repeated
+        losses = [r["loss"] for r in RunFolder(runs_root / "tiny").metrics() if "loss" in r]
+        assert losses[-1] < losses[0]
+
+    asyncio.run(scenario())
+
+
+class ExtraLossPlugin:
+    @hookimpl
+    def register_losses(self, register):
+        register("tui_test_loss", lambda options: None, description="registered by a test")
+
+
+def test_plugins_screen_lists_a_registered_plugin(tmp_path):
+    register_plugin(ExtraLossPlugin(), "tui-test-plugin")
+    try:
+
+        async def scenario():
+            app = ClipctlApp(runs_root=tmp_path, cwd=tmp_path)
+            async with app.run_test(size=SIZE) as pilot:
+                await pilot.press("f4")
+                await pilot.pause()
+                table = app.screen.query_one(DataTable)
+                row = table.get_row("tui-test-plugin")
+                assert "tui_test_loss" in str(row[2])
+                assert "builtins" in [str(k.value) for k in table.rows]
+
+        asyncio.run(scenario())
+    finally:
+        unregister_plugin("tui-test-plugin")
