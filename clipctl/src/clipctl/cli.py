@@ -7,8 +7,11 @@ train or evaluate import the core trainer when they run.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -53,7 +56,13 @@ def cli(ctx: click.Context) -> None:
       clipctl eval runs/quickstart --json
     """
     if ctx.invoked_subcommand is None:
-        click.echo(ctx.get_help())
+        # People at a terminal get the TUI; scripts and pipes get the help, as before.
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            from clipctl.app import main as tui_main
+
+            tui_main()
+        else:
+            click.echo(ctx.get_help())
 
 
 @cli.command()
@@ -80,7 +89,22 @@ def show(spec: str, overrides: tuple[str, ...]) -> None:
 @overrides_argument
 @click.option("--force", is_flag=True, help="Use this spec in a run folder made by another.")
 def run(spec: str, overrides: tuple[str, ...], force: bool) -> None:
-    """Train (or resume) the run a spec describes."""
+    """Train (or resume) the run a spec describes.
+
+    Ctrl-C or SIGTERM (`clipctl stop`) finishes the step, saves a checkpoint and exits
+    with code 130; rerunning the same command resumes.
+    """
+    # SIGTERM before the training loop (imports, data, tokenizer) stops like Ctrl-C
+    # instead of killing the process and leaving the run folder saying "running".
+    previous = _interrupt_on_sigterm()
+    try:
+        _run(spec, overrides, force)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(spec: str, overrides: tuple[str, ...], force: bool) -> None:
     resolved = _load(spec, overrides)
     from clip_jax.run_folder import RunFolder
     from clip_jax.spec import to_toml
@@ -93,17 +117,35 @@ def run(spec: str, overrides: tuple[str, ...], force: bool) -> None:
         click.echo(f"run already finished at step {done['step']}", err=True)
         click.echo(json.dumps({"run_dir": resolved.run.output_dir, **done}))
         return
-    from clip_jax.errors import UserError
-    from clip_jax.train.trainer import train
-
     try:
-        results = train(resolved, force=force)
-    except UserError as exc:
-        _fail(str(exc))
+        from clip_jax.errors import UserError
+        from clip_jax.train.trainer import train
+
+        try:
+            results = train(resolved, force=force)
+        except UserError as exc:
+            _fail(str(exc))
     except KeyboardInterrupt:
+        folder = RunFolder(resolved.run.output_dir)
+        status = folder.status()
+        if status.get("state") == "starting" and status.get("pid") == os.getpid():
+            # stopped before the trainer took over from `clipctl resume`/the TUI
+            fields = {k: status[k] for k in ("step", "steps") if k in status}
+            folder.write_status("interrupted", **fields)
         click.echo("interrupted; rerun the same command to resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
     click.echo(json.dumps({"run_dir": resolved.run.output_dir, **results}))
+
+
+def _interrupt_on_sigterm():
+    """Make SIGTERM raise KeyboardInterrupt; returns the previous handler (None if unset)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 @cli.command(name="eval")
@@ -124,6 +166,121 @@ def eval_command(run_dir: str, step: int | None, as_json: bool) -> None:
         return
     for key, value in results.items():
         click.echo(f"{key:<20} {value:.4f}" if isinstance(value, float) else f"{key:<20} {value}")
+
+
+def _run_folder(run_dir: str) -> Path:
+    """The run folder RUN, or a one-line error when it is not one."""
+    from clip_jax.run_folder import SPEC, STATUS
+
+    path = Path(run_dir)
+    if not ((path / SPEC).exists() or (path / STATUS).exists()):
+        _fail(f"{run_dir} is not a run folder (no {SPEC} or {STATUS})")
+    return path
+
+
+def _cell(value: float | None, form: str) -> str:
+    return "-" if value is None else format(value, form)
+
+
+@cli.command(name="runs")
+@click.argument("root", type=click.Path(file_okay=False), default="runs", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per run.")
+def runs_command(root: str, as_json: bool) -> None:
+    """List the run folders under ROOT (default ./runs) with their state and progress."""
+    from clipctl import runs as runs_lib
+
+    if not Path(root).is_dir():
+        _fail(f"no folder {root}: pass the folder that holds your runs")
+    found = runs_lib.find_runs(root)
+    if as_json:
+        click.echo(json.dumps([run.to_dict() for run in found], indent=2))
+        return
+    if not found:
+        click.echo(f"no runs under {root}", err=True)
+        return
+    header = ("RUN", "STATE", "STEP", "LOSS", "ZERO-SHOT", "IMAGES/S", "ETA")
+    rows = [
+        (
+            run.name,
+            run.state,
+            f"{run.step}/{run.steps}" if run.steps else str(run.step),
+            _cell(run.loss, ".4f"),
+            _cell((run.evaluation or {}).get("zero_shot_top1"), ".3f"),
+            _cell(run.images_per_s, ",.0f"),
+            runs_lib.format_duration(run.eta_s),
+        )
+        for run in found
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        left = [cell.ljust(width) for cell, width in zip(row[:2], widths[:2], strict=True)]
+        right = [cell.rjust(width) for cell, width in zip(row[2:], widths[2:], strict=True)]
+        click.echo("  ".join(left + right).rstrip())
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False))
+@click.option("--wait", is_flag=True, help="Wait until the run has saved and stopped.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds --wait waits.")
+def stop(run_dir: str, wait: bool, timeout: float) -> None:
+    """Stop a running run gracefully: it finishes its step, saves a checkpoint and exits."""
+    from clipctl import runs as runs_lib
+
+    path = _run_folder(run_dir)
+    if not runs_lib.stop(path):
+        state = runs_lib.summarize(path).state
+        _fail(f"run {run_dir} is not running (state: {state}); nothing to stop")
+    pid = runs_lib.summarize(path).pid
+    click.echo(f"asked run {run_dir} (pid {pid}) to stop; it saves a checkpoint and exits")
+    if not wait:
+        return
+    try:
+        done = runs_lib.wait_for_state(path, runs_lib.ENDED, timeout)
+    except TimeoutError as exc:
+        _fail(str(exc))
+    if done.state == "failed":
+        _fail(f"run {run_dir} failed while stopping: {done.error or 'see its run.log'}")
+    saved = f"; checkpoint at step {done.checkpoints[-1]}" if done.checkpoints else ""
+    click.echo(f"run {run_dir} {done.state} at step {done.step}{saved}")
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False))
+def resume(run_dir: str) -> None:
+    """Relaunch a stopped run in the background; it continues from its last checkpoint."""
+    from clip_jax.errors import UserError
+    from clipctl import runs as runs_lib
+
+    path = _run_folder(run_dir)
+    try:
+        summary = runs_lib.resume(path)
+    except (ValueError, UserError) as exc:
+        _fail(str(exc))
+    click.echo(
+        f"resumed run {run_dir} in the background: pid {summary.pid}, output in "
+        f"{path / runs_lib.LAUNCH_LOG} (follow it with `clipctl runs {path.parent}`)"
+    )
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False))
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="PNG file to write (default: RUN/curves.png).",
+)
+def plot(run_dir: str, out_path: str | None) -> None:
+    """Draw a run's loss, learning rate and evaluation curves into a PNG."""
+    from clipctl.plot import plot_run
+
+    path = _run_folder(run_dir)
+    try:
+        written = plot_run(path, out_path or path / "curves.png")
+    except ValueError as exc:
+        _fail(str(exc))
+    click.echo(str(written))
 
 
 @cli.group(invoke_without_command=True)

@@ -2,7 +2,7 @@
 
     spec.resolved.toml   what actually ran
     metrics.jsonl        one JSON object per line: {"step", "split", ...}
-    status.json          {"state": running|finished|interrupted|failed, "step", "steps", "pid"}
+    status.json          {"state": starting|running|finished|interrupted|failed, "step", "steps", "pid"}
     checkpoints/         orbax CheckpointManager directory
     tokenizer.json       the run's tokenizer
     run.log              human log
@@ -102,8 +102,9 @@ class RunFolder:
             status["state"] = "failed"  # the process died without saying so
         return status
 
-    def write_status(self, state: str, **fields: Any) -> None:
-        record = {"state": state, "pid": os.getpid(), "updated": time.time(), **fields}
+    def write_status(self, state: str, pid: int | None = None, **fields: Any) -> None:
+        """Record the run's state; ``pid`` is the process that owns the run (default: this one)."""
+        record = {"state": state, "pid": pid or os.getpid(), "updated": time.time(), **fields}
         _atomic_write(self.path / STATUS, json.dumps(record) + "\n")
 
     def log(self, line: str) -> None:
@@ -124,6 +125,6 @@ def _alive(pid: Any) -> bool:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # writers never share a temp file
     tmp.write_text(text)
     os.replace(tmp, path)
