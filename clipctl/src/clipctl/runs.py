@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from clip_jax.errors import UserError
-from clip_jax.run_folder import CHECKPOINTS, SPEC, STATUS, RunFolder
+from clip_jax.run_folder import (
+    CHECKPOINTS,
+    SPEC,
+    STATUS,
+    RunFolder,
+    RunFolderConflict,
+    check_run_folder,
+)
 
 ACTIVE = frozenset({"starting", "running"})
 ENDED = frozenset({"finished", "interrupted", "failed"})
@@ -260,14 +267,10 @@ def _launch(
             f"{spec.run.output_dir} holds a run that is {current.state} (pid {current.pid}); "
             "stop it first or choose another run.output_dir"
         )
-    if folder.exists() and not force:
-        changed = spec_lib.diff(folder.read_spec(), spec_lib.to_dict(spec))
-        if changed:
-            raise RunRefused(
-                f"{spec.run.output_dir} holds a run made from another spec (differs in: "
-                f"{', '.join(changed)}); choose another run.output_dir, or force to "
-                "continue that run with this spec"
-            )
+    try:
+        check_run_folder(folder, spec, force)
+    except RunFolderConflict as exc:
+        raise RunRefused(str(exc)) from None
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "clipctl.cli", "run", str(spec_path), *overrides]
     if force:

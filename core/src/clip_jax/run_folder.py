@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from clip_jax.errors import UserError
+
 SPEC = "spec.resolved.toml"
 METRICS = "metrics.jsonl"
 STATUS = "status.json"
@@ -128,3 +130,22 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # writers never share a temp file
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+class RunFolderConflict(UserError):
+    """The output folder holds a run made from another spec."""
+
+
+def check_run_folder(folder: RunFolder, spec: Any, force: bool) -> None:
+    """Refuse to put a run made from ``spec`` into a folder that holds another spec's run."""
+    if not folder.exists() or force:
+        return
+    from clip_jax import spec as spec_lib
+
+    changed = spec_lib.diff(folder.read_spec(), spec_lib.to_dict(spec))
+    if changed:
+        raise RunFolderConflict(
+            f"{folder.path} holds a run made from another spec (differs in: "
+            f"{', '.join(changed)}). Choose another run.output_dir, or pass --force to "
+            "continue that run with this spec."
+        )

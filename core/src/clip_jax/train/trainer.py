@@ -18,28 +18,12 @@ from clip_jax.components import Components, components
 from clip_jax.data import pipeline
 from clip_jax.errors import UserError
 from clip_jax.evaluate import evaluate, padded_encoder
-from clip_jax.run_folder import RunFolder
+from clip_jax.run_folder import RunFolder, RunFolderConflict, check_run_folder  # noqa: F401
 from clip_jax.spec import RunSpec
 from clip_jax.train.checkpoint import Checkpoints
 from clip_jax.train.progress import Progress
 from clip_jax.train.signals import StopRequest
 from clip_jax.train.state import create_state, make_encoders, make_train_step, state_shardings
-
-
-class RunFolderConflict(UserError):
-    """The output folder holds a run made from another spec."""
-
-
-def check_run_folder(folder: RunFolder, spec: RunSpec, force: bool) -> None:
-    if not folder.exists() or force:
-        return
-    changed = spec_lib.diff(folder.read_spec(), spec_lib.to_dict(spec))
-    if changed:
-        raise RunFolderConflict(
-            f"{folder.path} holds a run made from another spec (differs in: "
-            f"{', '.join(changed)}). Choose another run.output_dir, or pass --force to "
-            "continue that run with this spec."
-        )
 
 
 def run_evaluation(
