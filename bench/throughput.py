@@ -47,7 +47,7 @@ def step_rate(comps, steps: int = 20) -> tuple[float, float]:
     tx, schedule = comps.optimizer()
     _, _, shardings = state_shardings(comps.model, tx, comps.layout, spec)
     state, _ = create_state(comps.model, tx, comps.layout, spec, 0)
-    step = make_train_step(comps.model, comps.loss.fn, tx, schedule, shardings)
+    step = make_train_step(comps.model, comps.loss.fn, tx, schedule, shardings, comps.layout)
     v, t, batch = spec.model.vision, spec.model.text, spec.train.batch_size
     rng = np.random.default_rng(0)
     images = rng.normal(size=(batch, v.image_size, v.image_size, 3)).astype(np.float32)

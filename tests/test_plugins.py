@@ -20,8 +20,8 @@ from clip_jax.spec import SpecError, validate
 
 BUILTINS = {
     "architecture": {"clip"},
-    "loss": {"softmax", "sigmoid"},
-    "sharding": {"dp"},
+    "loss": {"softmax", "sigmoid", "chunked_sigmoid"},
+    "sharding": {"dp", "fsdp", "tp", "fsdp_tp"},
     "data_source": {"tfrecord", "synthetic"},
     "tokenizer": {"bpe"},
     "optimizer": {"adamw"},
@@ -69,7 +69,7 @@ class MarginLossPlugin:
 
     @hookimpl
     def register_losses(self, register):
-        def factory(options):
+        def factory(options, layout=None):
             MarginLossPlugin.built.append(options)
             return ("margin-loss", options.margin)
 

@@ -34,6 +34,13 @@ def register_losses(register):
         options=schemas.SigmoidOptions,
         description="pairwise sigmoid loss over the global batch (SigLIP)",
     )
+    register(
+        "chunked_sigmoid",
+        lazy("clip_jax.chunked_loss:chunked_sigmoid_loss"),
+        options=schemas.SigmoidOptions,
+        description="SigLIP loss with text embeddings passed round a ring of devices "
+        "(ppermute): each device holds only per-device-batch^2 logits",
+    )
 
 
 @hookimpl
@@ -74,9 +81,32 @@ def register_tokenizers(register):
 
 @hookimpl
 def register_sharding_strategies(register):
-    register(
-        "dp",
-        lazy("clip_jax.sharding:data_parallel"),
-        options=schemas.DataParallelOptions,
-        description="data parallel: parameters replicated, batch split over all devices",
-    )
+    for name, target, options, description in (
+        (
+            "dp",
+            "data_parallel",
+            schemas.DataParallelOptions,
+            "data parallel: parameters replicated, batch split over all devices",
+        ),
+        (
+            "fsdp",
+            "fully_sharded",
+            schemas.FsdpOptions,
+            "fully sharded: parameters and optimizer state split over mesh axis fsdp",
+        ),
+        (
+            "tp",
+            "tensor_parallel",
+            schemas.TensorParallelOptions,
+            "tensor parallel: attention heads and MLP units split over mesh axis model",
+        ),
+        (
+            "fsdp_tp",
+            "fsdp_tensor_parallel",
+            schemas.FsdpTensorParallelOptions,
+            "2-D: fsdp over mesh axis fsdp and tensor parallel over mesh axis model",
+        ),
+    ):
+        register(
+            name, lazy(f"clip_jax.sharding:{target}"), options=options, description=description
+        )

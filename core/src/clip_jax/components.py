@@ -24,7 +24,7 @@ class Components:
 
     @cached_property
     def loss(self):
-        return _build(self.spec, "loss", self.registry)
+        return _build(self.spec, "loss", self.registry, self.layout)
 
     @cached_property
     def model(self):

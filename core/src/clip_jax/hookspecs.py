@@ -6,7 +6,9 @@ adds. The built-in components are registered through these same hooks
 
 ``register(name, factory, options=None, description="", presets=None)``:
 - ``factory`` builds the component from its validated options (import heavy modules
-  such as jax inside it, so that listing and validating stay fast);
+  such as jax inside it, so that listing and validating stay fast). Factories of losses
+  also receive the sharding ``Layout`` (mesh and batch axes): ``factory(options, layout)``;
+  sharding strategies receive ``(options, devices=None)``;
 - ``options`` is a pydantic model (subclass ``clip_jax.schemas.Options``) that validates
   the component's own keys in its spec table;
 - ``presets`` maps a preset name to a dict of option values (``model.preset = "tiny"``).

@@ -1,6 +1,6 @@
 """Contrastive losses over a batch of paired, L2-normalised embeddings.
 
-Each factory takes its validated options and returns a ``Loss``: the function plus the
+Each factory takes its validated options and the sharding ``Layout`` and returns a ``Loss``: the function plus the
 initial logit scale / bias the model should start from. Embeddings arrive as global
 arrays (sharded over the batch by the trainer); XLA inserts the gathers the
 similarity matrix needs, so negatives come from the whole global batch.
@@ -28,7 +28,7 @@ class Loss:
     init_bias: float | None  # None: the model has no logit bias
 
 
-def softmax_loss(options: SoftmaxOptions) -> Loss:
+def softmax_loss(options: SoftmaxOptions, layout: object = None) -> Loss:
     max_log_scale = math.log(options.max_temperature)
 
     def fn(img_emb_BxD, txt_emb_BxD, log_scale, bias):
@@ -42,7 +42,7 @@ def softmax_loss(options: SoftmaxOptions) -> Loss:
     return Loss(fn, options.init_temperature, None)
 
 
-def sigmoid_loss(options: SigmoidOptions) -> Loss:
+def sigmoid_loss(options: SigmoidOptions, layout: object = None) -> Loss:
     def fn(img_emb_BxD, txt_emb_BxD, log_scale, bias):
         logits_BxB = jnp.exp(log_scale) * img_emb_BxD @ txt_emb_BxD.T + bias
         batch = logits_BxB.shape[0]

@@ -139,5 +139,54 @@ class BpeTokenizerOptions(Options):
 
 
 # ------------------------------------------------------------------------ sharding
+def _axis_size(default: int) -> object:
+    return Field(default, description="devices along this mesh axis; -1: all the rest")
+
+
+class MeshOptions(Options):
+    """Sizes of the mesh axes; their product must be the number of devices."""
+
+    data: int = _axis_size(-1)
+    fsdp: int = _axis_size(1)
+    model: int = _axis_size(1)
+
+    @model_validator(mode="after")
+    def _check(self) -> MeshOptions:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "model": self.model}
+        bad = [k for k, v in sizes.items() if v == 0 or v < -1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: an axis size is a positive number or -1")
+        if list(sizes.values()).count(-1) > 1:
+            raise ValueError("at most one axis can be -1 (the remaining devices)")
+        return self
+
+
+class FsdpMesh(MeshOptions):
+    data: int = _axis_size(1)
+    fsdp: int = _axis_size(-1)
+
+
+# A component's mesh table is validated by its own class, so keys the user leaves out
+# take that strategy's defaults (e.g. fsdp over all devices), not the generic ones.
 class DataParallelOptions(Options):
     """Parameters replicated, batch split over every device."""
+
+    mesh: MeshOptions = MeshOptions()
+
+
+class FsdpOptions(Options):
+    """Parameters and optimizer state sharded over ``fsdp``; batch over data x fsdp."""
+
+    mesh: FsdpMesh = FsdpMesh()
+
+
+class TensorParallelOptions(Options):
+    """Attention heads and MLP hidden units split over ``model``; set mesh.model."""
+
+    mesh: MeshOptions = MeshOptions()
+
+
+class FsdpTensorParallelOptions(Options):
+    """2-D: fsdp over ``fsdp`` and tensor parallel over ``model``; set mesh.model."""
+
+    mesh: FsdpMesh = FsdpMesh()

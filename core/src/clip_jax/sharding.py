@@ -1,32 +1,44 @@
 """Sharding strategies: a device mesh plus rules from logical axis names to mesh axes.
 
-A strategy returns a ``Layout``: the mesh, the logical->mesh rules for parameters, and
-the batch sharding. The trainer creates the train state directly with those shardings
-(``jax.jit`` with ``out_shardings``), so parameters never exist whole on one device
-unless the strategy replicates them.
+The mesh always has the axes ``data``, ``fsdp`` and ``model`` (sizes from
+``[sharding.mesh]``, -1 meaning the remaining devices). The batch is split over
+``data`` x ``fsdp``; a strategy only chooses which *parameter* axes are split:
+
+    dp       nothing: parameters replicated
+    fsdp     ``embed`` (every weight matrix has one) over ``fsdp``
+    tp       ``heads`` and ``mlp`` over ``model`` (Megatron-style attention/MLP split)
+    fsdp_tp  both
+
+The trainer creates the train state directly with these shardings (``jax.jit`` with
+``out_shardings``), so parameters never exist whole on one device unless replicated.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from clip_jax.schemas import DataParallelOptions
+from clip_jax.errors import UserError
+from clip_jax.schemas import MeshOptions
+
+AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
 @dataclass(frozen=True)
 class Layout:
     mesh: Mesh
-    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...]
-    batch_axes: tuple[str, ...]
+    rules: Rules  # logical parameter axis -> mesh axis
+    batch_axes: tuple[str, ...] = BATCH_AXES
 
     def batch_sharding(self, ndim: int = 1) -> NamedSharding:
         """Leading axis split over the batch axes, the rest replicated."""
-        spec = PartitionSpec(self.batch_axes, *([None] * (ndim - 1)))
-        return NamedSharding(self.mesh, spec)
+        return NamedSharding(self.mesh, PartitionSpec(self.batch_axes, *([None] * (ndim - 1))))
 
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
@@ -35,9 +47,53 @@ class Layout:
     def batch_divisor(self) -> int:
         return int(np.prod([self.mesh.shape[a] for a in self.batch_axes]))
 
+    @property
+    def all_rules(self) -> Rules:
+        """Parameter rules plus the activation rule (batch over the batch axes)."""
+        return (("batch", self.batch_axes), *self.rules)
 
-def data_parallel(options: DataParallelOptions) -> Layout:
-    """Factory registered as sharding strategy ``dp``."""
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    # No logical axis maps to a mesh axis: every parameter is replicated.
-    return Layout(mesh, rules=(), batch_axes=("data",))
+
+def resolve_mesh_shape(options: MeshOptions, device_count: int) -> tuple[int, int, int]:
+    """Axis sizes with -1 filled in; a clear error when they cannot cover the devices."""
+    sizes = [options.data, options.fsdp, options.model]
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if device_count % known:
+            raise UserError(
+                f"sharding.mesh: the fixed axis sizes multiply to {known}, which does not "
+                f"divide the {device_count} devices"
+            )
+        sizes[sizes.index(-1)] = device_count // known
+    if int(np.prod(sizes)) != device_count:
+        shape = " x ".join(f"{a}={s}" for a, s in zip(AXES, sizes, strict=True))
+        raise UserError(
+            f"sharding.mesh: {shape} = {int(np.prod(sizes))} devices, but there are "
+            f"{device_count}; make the sizes multiply to {device_count} or set one to -1"
+        )
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(options: MeshOptions, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = resolve_mesh_shape(options, len(devices))
+    if devices == jax.devices():
+        from jax.experimental import mesh_utils
+
+        # Lays the axes out along the physical interconnect on TPU / multi-host.
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    else:
+        grid = np.array(devices).reshape(shape)
+    return Mesh(grid, AXES)
+
+
+def _strategy(rules: Rules):
+    def factory(options, devices: Sequence[jax.Device] | None = None) -> Layout:
+        return Layout(make_mesh(options.mesh, devices), rules)
+
+    return factory
+
+
+data_parallel = _strategy(())
+fully_sharded = _strategy((("embed", "fsdp"),))
+tensor_parallel = _strategy((("heads", "model"), ("mlp", "model")))
+fsdp_tensor_parallel = _strategy((("embed", "fsdp"), ("heads", "model"), ("mlp", "model")))

@@ -131,4 +131,7 @@ class Encoder(nn.Module):
             x_BxLxD = Block(
                 self.heads, self.mlp_hidden, self.activation, self.dtype, name=f"block_{i}"
             )(x_BxLxD, mask)
+            # Activations stay split over the batch axes whatever the parameters do
+            # (a no-op outside a mesh context, e.g. when encoding on one device).
+            x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", None, None))
         return x_BxLxD

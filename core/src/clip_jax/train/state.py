@@ -14,8 +14,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from clip_jax.errors import UserError
 from clip_jax.sharding import Layout
 
 State = dict[str, Any]
@@ -39,6 +41,7 @@ def state_shardings(model: nn.Module, tx, layout: Layout, spec) -> tuple[Callabl
 
     abstract_boxed = jax.eval_shape(boxed_init, jax.random.key(0))
     logical = nn.get_partition_spec(abstract_boxed)
+    check_divisible(abstract_boxed["params"], layout)
     with layout.mesh:
         shardings = nn.logical_to_mesh_sharding(logical, layout.mesh, layout.rules)
     abstract = jax.tree.map(
@@ -53,6 +56,30 @@ def state_shardings(model: nn.Module, tx, layout: Layout, spec) -> tuple[Callabl
     return init, abstract, shardings
 
 
+def check_divisible(boxed_params: Any, layout: Layout) -> None:
+    """A clear error when a split parameter axis does not divide over its mesh axis."""
+    rules = dict(layout.rules)
+    leaves = jax.tree_util.tree_leaves_with_path(
+        boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+    for path, leaf in leaves:
+        if not isinstance(leaf, nn.Partitioned):
+            continue
+        for size, name in zip(leaf.value.shape, leaf.names, strict=True):
+            mesh_axis = rules.get(name)
+            if mesh_axis is None:
+                continue
+            axes = mesh_axis if isinstance(mesh_axis, tuple) else (mesh_axis,)
+            devices = int(np.prod([layout.mesh.shape[a] for a in axes]))
+            if size % devices:
+                where = "/".join(str(getattr(k, "key", k)) for k in path)
+                raise UserError(
+                    f"parameter {where}: its {name!r} axis ({size}) cannot be split over "
+                    f"sharding.mesh.{'/'.join(axes)} ({devices} devices); change the model "
+                    "size or the mesh"
+                )
+
+
 def create_state(model: nn.Module, tx, layout: Layout, spec, seed: int) -> tuple[State, Any]:
     """A freshly initialised, sharded state, and its abstract twin (for restoring)."""
     init, abstract, shardings = state_shardings(model, tx, layout, spec)
@@ -60,8 +87,13 @@ def create_state(model: nn.Module, tx, layout: Layout, spec, seed: int) -> tuple
     return state, abstract
 
 
-def make_train_step(model: nn.Module, loss_fn, tx, schedule, shardings) -> Callable:
+def make_train_step(model: nn.Module, loss_fn, tx, schedule, shardings, layout: Layout) -> Callable:
     def train_step(state: State, images_BxHxWxC: jax.Array, tokens_BxL: jax.Array):
+        # Trace under the mesh and the logical rules: activation constraints apply.
+        with layout.mesh, nn.logical_axis_rules(layout.all_rules):
+            return _train_step(state, images_BxHxWxC, tokens_BxL)
+
+    def _train_step(state: State, images_BxHxWxC: jax.Array, tokens_BxL: jax.Array):
         def compute_loss(params):
             img_emb_BxD, txt_emb_BxD, log_scale, bias = model.apply(
                 {"params": params}, images_BxHxWxC, tokens_BxL

@@ -150,7 +150,7 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
             state,
             data_state,
             train_files,
-            make_train_step(model, comps.loss.fn, tx, schedule, shardings),
+            make_train_step(model, comps.loss.fn, tx, schedule, shardings, layout),
             encoders,
         )
         checkpoints.close()
