@@ -40,8 +40,9 @@ class TemplatesScreen(Screen):
     def on_mount(self) -> None:
         self.sub_title = "templates"
         options = self.query_one(OptionList)
-        if self.templates:
-            options.highlighted = 0
+        if self.templates:  # the quickstart first: it runs anywhere, in minutes
+            names = list(self.templates)
+            options.highlighted = names.index("quickstart") if "quickstart" in names else 0
         options.focus()
 
     def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
