@@ -266,15 +266,20 @@ def test_data_synth(runner, tmp_path):
     result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "64 train and 32 validation examples (16 classes)" in result.stdout
-    assert sorted(p.name for p in (out / "train").iterdir()) == ["00000.tfrecord"]
-    assert sorted(p.name for p in (out / "validation").iterdir()) == ["00000.tfrecord"]
+    # small splits still get 8 shards, so that several readers / processes can share them
+    assert sorted(p.name for p in (out / "train").iterdir()) == [
+        f"{i:05d}.tfrecord" for i in range(8)
+    ]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == [
+        f"{i:05d}.tfrecord" for i in range(8)
+    ]
     assert len(json.loads((out / "classes.json").read_text())["classes"]) == 16
 
     from clip_jax.data.pipeline import iterate, make_dataset
     from clip_jax.data.synthetic import make_example
 
     dataset = make_dataset(
-        [str(out / "train" / "00000.tfrecord")], image_size=32, batch_size=64, train=False
+        sorted(str(p) for p in (out / "train").iterdir()), image_size=32, batch_size=64, train=False
     )
     (batch,) = list(iterate(dataset))
     assert batch.captions == [make_example(0, i, 32)[1] for i in range(64)]

@@ -31,8 +31,11 @@ LOG = "run.log"
 
 
 class RunFolder:
-    def __init__(self, path: str | Path):
+    """``writable=False`` (every process but the first of a multi-process run) reads only."""
+
+    def __init__(self, path: str | Path, writable: bool = True):
         self.path = Path(path)
+        self.writable = writable
 
     @property
     def spec_path(self) -> Path:
@@ -57,6 +60,8 @@ class RunFolder:
         return tomllib.loads(self.spec_path.read_text())
 
     def write_spec(self, text: str) -> None:
+        if not self.writable:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.spec_path, text)
 
@@ -73,11 +78,15 @@ class RunFolder:
                 continue  # a line cut short by a crash
 
     def append_metrics(self, record: dict[str, Any]) -> None:
+        if not self.writable:
+            return
         with open(self.path / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
         """On resume: drop what an interrupted run logged after its last checkpoint."""
+        if not self.writable:
+            return
         kept = [r for r in self.metrics() if r.get("step", 0) <= step]
         _atomic_write(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -106,10 +115,14 @@ class RunFolder:
 
     def write_status(self, state: str, pid: int | None = None, **fields: Any) -> None:
         """Record the run's state; ``pid`` is the process that owns the run (default: this one)."""
+        if not self.writable:
+            return
         record = {"state": state, "pid": pid or os.getpid(), "updated": time.time(), **fields}
         _atomic_write(self.path / STATUS, json.dumps(record) + "\n")
 
     def log(self, line: str) -> None:
+        if not self.writable:
+            return
         with open(self.log_path, "a") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 

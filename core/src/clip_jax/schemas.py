@@ -107,6 +107,12 @@ class RecordKeys(Options):
     caption_key: str = "txt"
     label_key: str | None = Field(None, description="int64 class id, for zero-shot eval")
     shuffle_buffer: int = Field(4096, ge=1)
+    readers: int = Field(
+        1,
+        ge=1,
+        description="logical readers, each with its own shards and shuffle; a multiple of "
+        "the process count. Fixed here so a global batch is the same on any topology",
+    )
 
 
 class TfrecordDataOptions(RecordKeys):

@@ -16,9 +16,9 @@ import typing
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
 from clip_jax.errors import UserError
 from clip_jax.plugins import Registry, UnknownComponentError, get_registry
@@ -47,10 +47,37 @@ class EvalOptions(Options):
     max_examples: int | None = Field(None, ge=1)
 
 
+class DistributedOptions(Options):
+    """Multi-process runs: off, auto (TPU pods, SLURM...), or explicit settings."""
+
+    mode: Literal["off", "auto", "explicit"] = "off"
+    coordinator: str | None = Field(None, description="host:port of process 0")
+    num_processes: int | None = Field(None, ge=1)
+    process_id: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DistributedOptions:
+        if self.mode == "explicit":
+            missing = [
+                k
+                for k in ("coordinator", "num_processes", "process_id")
+                if getattr(self, k) is None
+            ]
+            if missing:
+                raise ValueError(f"mode 'explicit' needs {', '.join(missing)}")
+            if self.process_id >= self.num_processes:
+                raise ValueError(
+                    f"process_id ({self.process_id}) must be below num_processes "
+                    f"({self.num_processes})"
+                )
+        return self
+
+
 FIXED_SECTIONS: dict[str, type[Options]] = {
     "run": RunOptions,
     "train": TrainOptions,
     "eval": EvalOptions,
+    "distributed": DistributedOptions,
 }
 
 # section -> (selector key, registry kind, default component)

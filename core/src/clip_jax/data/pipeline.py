@@ -69,7 +69,9 @@ def make_dataset(
 ):
     """A tf.data pipeline yielding (position, image, caption[, label]) batches."""
     tf = import_tf()
-    ds = tf.data.TFRecordDataset(list(files), num_parallel_reads=min(len(files), 8))
+    # Training interleaves its files; evaluation reads them in order (a stable order).
+    parallel = min(len(files), 8) if train else None
+    ds = tf.data.TFRecordDataset(list(files), num_parallel_reads=parallel)
     if train:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.enumerate().skip(start_position)

@@ -17,6 +17,7 @@ from clip_jax.data import synthetic
 from clip_jax.data.shards import serialize, write_shard
 
 EXAMPLES_PER_SHARD = 2048
+MIN_SHARDS = 8  # so that even a small dataset can feed several readers / processes
 # Validation examples use a different seed stream, so they never repeat a training image.
 VALIDATION_SEED_OFFSET = 1_000_003
 
@@ -76,8 +77,9 @@ def write_synthetic(
         folder.mkdir(parents=True, exist_ok=True)
         for old in folder.glob("*.tfrecord"):
             old.unlink()
-        for shard, start in enumerate(range(0, count, EXAMPLES_PER_SHARD)):
-            stop = min(start + EXAMPLES_PER_SHARD, count)
+        per_shard = min(EXAMPLES_PER_SHARD, -(-count // MIN_SHARDS))
+        for shard, start in enumerate(range(0, count, per_shard)):
+            stop = min(start + per_shard, count)
             jobs.append(
                 (str(folder / f"{shard:05d}.tfrecord"), split_seed, start, stop, image_size)
             )

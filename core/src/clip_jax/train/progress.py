@@ -25,14 +25,16 @@ class Progress:
         folder: RunFolder,
         stream: TextIO | None = None,
         plain_every_s: float = 10.0,
+        quiet: bool = False,
     ):
         self.total, self.step = total, start
+        self.quiet = quiet  # processes other than the first of a multi-process run
         self.folder = folder
         self.stream = stream or sys.stderr
         self.plain_every_s = plain_every_s
         self.last_plain = 0.0
         self.bar = None
-        if self.stream.isatty():
+        if self.stream.isatty() and not quiet:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
@@ -59,6 +61,8 @@ class Progress:
     def message(self, text: str) -> None:
         """A line for the user (and the log) that is not a progress update."""
         self.folder.log(text)
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.console.print(text)
         else:
@@ -71,6 +75,8 @@ class Progress:
         info = f"loss {metrics['loss']:.4f} | lr {metrics['learning_rate']:.2e} | {ips:,.0f} img/s"
         line = f"step {step}/{self.total} | {info} | ETA {format_eta(eta)}"
         self.folder.log(line)
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
         elif time.monotonic() - self.last_plain >= self.plain_every_s or step >= self.total:

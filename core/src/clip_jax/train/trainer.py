@@ -12,10 +12,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import jax
+import numpy as np
 
+from clip_jax import distributed
 from clip_jax import spec as spec_lib
 from clip_jax.components import Components, components
 from clip_jax.data import pipeline
+from clip_jax.data.readers import Readers
 from clip_jax.errors import UserError
 from clip_jax.evaluate import evaluate, padded_encoder
 from clip_jax.run_folder import RunFolder, RunFolderConflict, check_run_folder  # noqa: F401
@@ -63,7 +66,7 @@ def load_tokenizer(comps: Components, folder: RunFolder, train_files: Sequence[s
         () if saved else pipeline.read_captions(train_files, comps.data.keys.caption_key, limit)
     )
     tokenizer = comps.tokenizer(saved=saved, captions=captions)
-    if saved is None:
+    if saved is None and folder.writable:
         tokenizer.save(folder.tokenizer)
     vocab = comps.spec.model.text.vocab_size
     if tokenizer.vocab_size > vocab:
@@ -76,7 +79,8 @@ def load_tokenizer(comps: Components, folder: RunFolder, train_files: Sequence[s
 
 def train(spec: RunSpec, force: bool = False, stream: TextIO | None = None) -> dict[str, Any]:
     """Train (or resume) the run described by ``spec``; returns the final evaluation."""
-    folder = RunFolder(spec.run.output_dir)
+    distributed.initialize(spec.distributed)
+    folder = RunFolder(spec.run.output_dir, writable=distributed.is_main())
     check_run_folder(folder, spec, force)
     folder.write_spec(spec_lib.to_toml(spec))
     total = spec.train.steps
@@ -105,18 +109,13 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
             f"train.batch_size ({batch_size}) must be divisible by the {layout.batch_divisor} "
             f"devices of the batch axes"
         )
-    progress = Progress(total, 0, folder, stream)
+    progress = Progress(total, 0, folder, stream, quiet=not folder.writable)
     try:
         progress.message(
-            f"run folder {folder.path} | devices {jax.device_count()} | preparing data"
+            f"run folder {folder.path} | devices {jax.device_count()} | "
+            f"processes {jax.process_count()} | preparing data"
         )
         source = comps.data
-        train_files = source.train_files[jax.process_index() :: jax.process_count()]
-        if not train_files:
-            raise UserError(
-                f"{len(source.train_files)} training shards cannot feed "
-                f"{jax.process_count()} processes: write more, smaller shards"
-            )
         tokenizer = load_tokenizer(comps, folder, source.train_files)
         tx, schedule = comps.optimizer()
         model = comps.model
@@ -127,7 +126,7 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
         latest = checkpoints.latest_step()
         if latest is None:
             state, _ = create_state(model, tx, layout, spec, spec.run.seed)
-            data_state = {"position": 0, "skipped": 0}
+            data_state = {"positions": [0] * source.keys.readers, "skipped": 0}
         else:
             state, data_state = checkpoints.restore(latest, abstract)
             folder.truncate_metrics(latest)
@@ -149,7 +148,6 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
             tokenizer,
             state,
             data_state,
-            train_files,
             make_train_step(model, comps.loss.fn, tx, schedule, shardings, layout),
             encoders,
         )
@@ -167,34 +165,38 @@ def _loop(
     tokenizer,
     state,
     data_state,
-    train_files,
     train_step,
     encoders,
 ) -> dict[str, Any]:
     spec = comps.spec
     total, batch_size = spec.train.steps, spec.train.batch_size
     layout, keys = comps.layout, comps.data.keys
-    local_batch = batch_size // jax.process_count()
     step = int(state["step"])
-    position, skipped = data_state["position"], data_state.get("skipped", 0)
-    dataset = pipeline.make_dataset(
-        train_files,
+    # Checkpoints before data.readers existed hold a single "position".
+    positions = data_state.get("positions", [data_state.get("position", 0)])
+    skipped_before = data_state.get("skipped", 0)  # all readers, up to the checkpoint
+    batches = Readers(
+        comps.data.train_files,
+        keys,
         image_size=spec.model.vision.image_size,
-        batch_size=local_batch,
-        image_key=keys.image_key,
-        caption_key=keys.caption_key,
-        train=True,
+        global_batch=batch_size,
         seed=spec.run.seed,
-        shuffle_buffer=keys.shuffle_buffer,
-        start_position=position,
+        positions=positions,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
-    batches = pipeline.iterate(dataset, start_position=position)
     image_sharding, token_sharding = layout.batch_sharding(4), layout.batch_sharding(2)
     results: dict[str, Any] = {}
     timer, timed_steps = None, 0
 
     def save(force: bool = False) -> None:
-        checkpoints.save(step, state, {"position": position, "skipped": skipped}, force=force)
+        # Every process owns some readers: gather all positions (a collective).
+        data = {
+            "positions": [int(p) for p in distributed.allgather(batches.local_positions())],
+            "skipped": skipped_before
+            + int(distributed.allgather(np.asarray([batches.skipped_total])).sum()),
+        }
+        checkpoints.save(step, state, data, force=force)
 
     with StopRequest() as stop:
         while step < total:
@@ -205,7 +207,6 @@ def _loop(
             )
             state, metrics = train_step(state, images, tokens)
             step += 1
-            position, skipped_now = batch.next_position, skipped + batch.skipped
             if timer is None:  # the first step includes compilation: time from here on
                 jax.block_until_ready(metrics)
                 timer, timed_steps = time.perf_counter(), 0
@@ -216,21 +217,20 @@ def _loop(
                 elapsed = time.perf_counter() - timer
                 images_per_s = timed_steps * batch_size / elapsed if timed_steps else 0.0
                 timer, timed_steps = time.perf_counter(), 0
-                record |= {"images_per_s": images_per_s, "skipped_records": skipped_now}
+                skipped = skipped_before + batch.skipped  # this process's readers
+                record |= {"images_per_s": images_per_s, "skipped_records": skipped}
                 _log_train(folder, progress, step, record, batch_size)
                 folder.write_status("running", step=step, steps=total)
             eval_now = spec.eval.every and step % spec.eval.every == 0 and step < total
             if eval_now:
                 results = _evaluate(comps, folder, progress, step, state, tokenizer, encoders)
             if step % spec.train.checkpoint_every == 0 or step == total or stop.requested:
-                skipped = skipped_now
                 save(force=stop.requested)
             if stop.requested:
                 checkpoints.close()
                 progress.message(f"stopped at step {step}; rerun the same command to resume")
                 folder.write_status("interrupted", step=step, steps=total)
                 raise KeyboardInterrupt
-            skipped = skipped_now
     results = _evaluate(comps, folder, progress, step, state, tokenizer, encoders)
     folder.write_status("finished", step=step, steps=total)
     return results
@@ -243,7 +243,11 @@ def _log_train(folder, progress, step, record, batch_size) -> None:
 
 def _evaluate(comps, folder, progress, step, state, tokenizer, encoders) -> dict[str, Any]:
     started = time.perf_counter()
-    results = run_evaluation(comps, state["params"], tokenizer, encoders)
+    # Multi-process: every process helps gather the parameters; process 0 evaluates.
+    params = distributed.to_host(state["params"])
+    if not folder.writable:
+        return {}
+    results = run_evaluation(comps, params, tokenizer, encoders)
     if results:
         record = {"step": step, "split": "validation", **results, "time": time.time()}
         folder.append_metrics(record)

@@ -1,0 +1,96 @@
+"""Two real processes on 127.0.0.1 (gloo collectives) train like one process with 4 devices."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from clip_jax.run_folder import RunFolder
+from tests.conftest import QUICKSTART
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clipctl_run(overrides: list[str], devices: int, extra: tuple[str, ...] = ()):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    command = [sys.executable, "-m", "clipctl.cli", "run", str(QUICKSTART), *overrides, *extra]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(procs: list[subprocess.Popen]) -> None:
+    try:
+        for proc in procs:
+            _, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, stderr.decode()[-3000:]
+    finally:  # never leave a peer waiting for the coordinator
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in RunFolder(run_dir).metrics() if r["split"] == "train"}
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume_together(small_run, tmp_path):
+    base = [o for o in small_run if not o.startswith("run.output_dir")] + [
+        "data.readers=2",
+        "train.log_every=1",
+        "train.checkpoint_every=3",
+        "eval.retrieval=false",
+    ]
+    single_dir, multi_dir = tmp_path / "single", tmp_path / "multi"
+
+    def multi(steps: int, *extra: str) -> list[subprocess.Popen]:
+        port = free_port()
+        return [
+            clipctl_run(
+                base
+                + [
+                    f"train.steps={steps}",
+                    f"run.output_dir={multi_dir}",
+                    "distributed.mode=explicit",
+                    f"distributed.coordinator=127.0.0.1:{port}",
+                    "distributed.num_processes=2",
+                    f"distributed.process_id={rank}",
+                ],
+                devices=2,
+                extra=extra,
+            )
+            for rank in (0, 1)
+        ]
+
+    finish(multi(3))
+    finish([clipctl_run(base + ["train.steps=3", f"run.output_dir={single_dir}"], devices=4)])
+    single, two = train_losses(single_dir), train_losses(multi_dir)
+    assert sorted(two) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert two[step] == pytest.approx(single[step], rel=1e-4)
+
+    # Both processes restore the checkpoint written together at step 3 and go on.
+    finish(multi(5, "--force"))
+    assert "resumed from the checkpoint at step 3" in RunFolder(multi_dir).log_path.read_text()
+    finish(
+        [
+            clipctl_run(
+                base + ["train.steps=5", f"run.output_dir={single_dir}"],
+                devices=4,
+                extra=("--force",),
+            )
+        ]
+    )
+    single, two = train_losses(single_dir), train_losses(multi_dir)
+    assert sorted(two) == [1, 2, 3, 4, 5]
+    for step in (4, 5):
+        assert two[step] == pytest.approx(single[step], rel=1e-4)
+    # Only process 0 wrote the metrics: one line per step, and one evaluation per run.
+    evals = [r for r in RunFolder(multi_dir).metrics() if r["split"] == "validation"]
+    assert [r["step"] for r in evals] == [3, 5]
+    assert evals[-1]["zero_shot_classes"] == 16
