@@ -87,8 +87,6 @@ def summarize(run_dir: str | Path, root: str | Path | None = None) -> RunSummary
     state = str(status.get("state", "unknown"))
     pid = status.get("pid") if isinstance(status.get("pid"), int) else None
     error = status.get("error")
-    if state in ACTIVE and not _owns_run(pid, status.get("updated")):
-        state = "failed"
     if state == "failed" and not error:  # "running" or "starting", process gone
         error = f"its process (pid {pid}) ended without a word: see {LAUNCH_LOG} and run.log"
     records = list(folder.metrics())
@@ -307,45 +305,6 @@ def _reap() -> None:
     for pid, process in list(_launched.items()):
         if process.poll() is not None:
             del _launched[pid]
-
-
-def _owns_run(pid: int | None, updated: Any) -> bool:
-    """Whether ``pid`` is alive and is the process that wrote the status at ``updated``.
-
-    A pid can be reused by an unrelated process after the run died; one that started
-    after the status was written is not the run's (Linux /proc; elsewhere kill(pid, 0)).
-    """
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    started, zombie = _process_start(pid)
-    if zombie:
-        return False
-    return not (started is not None and isinstance(updated, int | float) and started > updated + 5)
-
-
-def _process_start(pid: int) -> tuple[float | None, bool]:
-    """(start time as a Unix time, is a zombie) from /proc; (None, False) when unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = next(
-            float(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime ")
-        )
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None, False
-    fields = stat.rsplit(")", 1)[-1].split()
-    try:
-        ticks = int(fields[19])  # field 22 of stat; fields[0] is field 3 (state)
-    except (IndexError, ValueError):
-        return None, fields[:1] == ["Z"]
-    return boot + ticks / os.sysconf("SC_CLK_TCK"), fields[0] == "Z"
 
 
 def _working_dir(run_dir: Path, output_dir: str) -> Path | None:

@@ -109,7 +109,9 @@ class RunFolder:
             status = json.loads((self.path / STATUS).read_text())
         except (OSError, ValueError):
             return {"state": "new" if not self.exists() else "unknown"}
-        if status.get("state") == "running" and not _alive(status.get("pid")):
+        if status.get("state") in ("running", "starting") and not owns_run(
+            status.get("pid"), status.get("updated")
+        ):
             status["state"] = "failed"  # the process died without saying so
         return status
 
@@ -127,16 +129,43 @@ class RunFolder:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
 
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
+def owns_run(pid: int | None, updated: Any) -> bool:
+    """Whether ``pid`` is alive and is the process that wrote the status at ``updated``.
+
+    A pid can be reused by an unrelated process after the run died; one that started
+    after the status was written is not the run's (Linux /proc; elsewhere kill(pid, 0)).
+    """
+    if not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    started, zombie = _process_start(pid)
+    if zombie:
+        return False
+    return not (started is not None and isinstance(updated, int | float) and started > updated + 5)
+
+
+def _process_start(pid: int) -> tuple[float | None, bool]:
+    """(start time as a Unix time, is a zombie) from /proc; (None, False) when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None, False
+    fields = stat.rsplit(")", 1)[-1].split()
+    try:
+        ticks = int(fields[19])  # field 22 of stat; fields[0] is field 3 (state)
+    except (IndexError, ValueError):
+        return None, fields[:1] == ["Z"]
+    return boot + ticks / os.sysconf("SC_CLK_TCK"), fields[0] == "Z"
 
 
 def _atomic_write(path: Path, text: str) -> None:
