@@ -148,6 +148,40 @@ def _interrupt_on_sigterm():
     return signal.signal(signal.SIGTERM, interrupt)
 
 
+@cli.command()
+@spec_argument
+@overrides_argument
+@click.option("--devices", type=int, default=None, help="Size the mesh for N devices.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(spec: str, overrides: tuple[str, ...], devices: int | None, as_json: bool) -> None:
+    """Parameter counts, training FLOPs per pair and per-device bytes (no data needed)."""
+    resolved = _load(spec, overrides)
+    from clip_jax.errors import UserError
+    from clip_jax.info import model_info
+
+    try:
+        facts = model_info(resolved, devices)
+    except UserError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(facts))
+        return
+    counts = facts["parameters"]
+    mesh = " x ".join(f"{axis}={size}" for axis, size in facts["mesh"].items())
+    rows = [
+        ("parameters", f"{counts['total']:,}"),
+        ("  vision tower", f"{counts['vision']:,}"),
+        ("  text tower", f"{counts['text']:,}"),
+        ("  projections, scale", f"{counts['heads']:,}"),
+        ("train FLOPs / pair", f"{facts['train_flops_per_pair'] / 1e9:,.2f} G"),
+        (f"mesh ({facts['devices']} devices)", f"{mesh} ({resolved.sharding.strategy})"),
+        ("param bytes / device", f"{facts['param_bytes_per_device'] / 2**20:,.1f} MiB"),
+        ("param bytes, all", f"{facts['param_bytes_total'] / 2**20:,.1f} MiB"),
+    ]
+    for label, value in rows:
+        click.echo(f"{label:<22} {value}")
+
+
 @cli.command(name="eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--step", type=int, default=None, help="Checkpoint step (default: latest).")

@@ -256,4 +256,5 @@ def lazy(target: str) -> Callable[..., Any]:
         return getattr(importlib.import_module(module_name), attr)(*args, **kwargs)
 
     factory.__qualname__ = f"lazy({target})"
+    factory.resolve = lambda: getattr(importlib.import_module(module_name), attr)
     return factory

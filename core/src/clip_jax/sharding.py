@@ -90,6 +90,7 @@ def _strategy(rules: Rules):
     def factory(options, devices: Sequence[jax.Device] | None = None) -> Layout:
         return Layout(make_mesh(options.mesh, devices), rules)
 
+    factory.rules = rules  # published, so `clipctl info` can size a mesh it does not have
     return factory
 
 

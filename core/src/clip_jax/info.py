@@ -1,0 +1,106 @@
+"""What a spec's model costs, without data or a single allocated parameter.
+
+Parameter counts come from ``jax.eval_shape`` of the initialiser; FLOPs per image-text
+pair from XLA's cost analysis of the lowered training computation (forward + backward
+of the loss); per-device parameter bytes from the strategy's rules and mesh shape, so a
+pod spec can be sized on a laptop (``devices`` need not exist here).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clip_jax.components import components
+from clip_jax.errors import UserError
+from clip_jax.sharding import AXES, resolve_mesh_shape
+from clip_jax.spec import RunSpec
+
+FLOPS_BATCH = 2  # the cost of one pair is measured on a small batch and divided
+
+
+def _count(tree: Any) -> int:
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+
+
+def _per_device_bytes(boxed: Any, rules: dict[str, Any], mesh: dict[str, int]) -> int:
+    total = 0
+    for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+        value = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
+        names = leaf.names if isinstance(leaf, nn.Partitioned) else (None,) * len(value.shape)
+        shape = []
+        for size, name in zip(value.shape, names, strict=True):
+            axes = rules.get(name)
+            axes = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+            shape.append(-(-size // math.prod(mesh[a] for a in axes)))
+        total += math.prod(shape) * value.dtype.itemsize
+    return total
+
+
+def model_info(spec: RunSpec, devices: int | None = None) -> dict[str, Any]:
+    """Parameter counts, training FLOPs per pair and per-device parameter bytes."""
+    comps = components(spec)
+    # No mesh here: the spec may be sized for devices this machine does not have.
+    if spec.loss.name == "chunked_sigmoid":  # equal in value and FLOPs, and needs no mesh
+        loss = _plain_sigmoid_loss(spec)
+    else:
+        loss = comps.registry.get("loss", spec.loss.name).factory(spec.loss, None)
+    architecture = comps.registry.get("architecture", spec.model.architecture)
+    model = architecture.factory(spec.model, loss.init_temperature, loss.init_bias)
+    v, t = spec.model.vision, spec.model.text
+    images = jax.ShapeDtypeStruct((FLOPS_BATCH, v.image_size, v.image_size, 3), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((FLOPS_BATCH, t.context_length), jnp.int32)
+    boxed = jax.eval_shape(lambda i, t: model.init(jax.random.key(0), i, t), images, tokens)
+    boxed = boxed["params"]
+    params = nn.unbox(boxed)
+
+    def loss_of(params, images, tokens):
+        return loss_fn(*model.apply({"params": params}, images, tokens))
+
+    loss_fn = loss.fn
+    lowered = jax.jit(jax.value_and_grad(loss_of)).lower(params, images, tokens)
+    cost = lowered.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
+
+    count = devices or jax.device_count()
+    mesh = dict(zip(AXES, resolve_mesh_shape(spec.sharding.mesh, count), strict=True))
+    rules = dict(_rules_of(comps, count))
+    vision, text = _count(params.get("vision", {})), _count(params.get("text", {}))
+    total = _count(params)
+    return {
+        "parameters": {
+            "total": total,
+            "vision": vision,
+            "text": text,
+            "heads": total - vision - text,  # projections, logit scale (and bias)
+        },
+        "train_flops_per_pair": float(cost.get("flops", 0.0)) / FLOPS_BATCH,
+        "devices": count,
+        "mesh": mesh,
+        "param_bytes_per_device": _per_device_bytes(boxed, rules, mesh),
+        "param_bytes_total": int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))),
+    }
+
+
+def _plain_sigmoid_loss(spec: RunSpec):
+    from clip_jax.losses import sigmoid_loss
+
+    return sigmoid_loss(spec.loss)
+
+
+def _rules_of(comps, devices: int) -> tuple:
+    """The strategy's logical rules; without building a mesh when it publishes them."""
+    factory = comps.registry.get("sharding", comps.spec.sharding.strategy).factory
+    factory = getattr(factory, "resolve", lambda: factory)()
+    if hasattr(factory, "rules"):
+        return factory.rules
+    if devices != jax.device_count():
+        raise UserError(
+            f"sharding strategy {comps.spec.sharding.strategy!r} does not publish its rules: "
+            f"it can only be sized for the {jax.device_count()} devices here"
+        )
+    return comps.layout.rules
