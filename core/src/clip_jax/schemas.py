@@ -20,6 +20,7 @@ class Options(BaseModel):
 # --------------------------------------------------------------------------- model
 Activation = Literal["gelu", "quick_gelu"]
 ComputeDtype = Literal["float32", "bfloat16"]
+Remat = Literal["none", "minimal", "full"]
 
 
 class VisionOptions(Options):
@@ -32,6 +33,8 @@ class VisionOptions(Options):
     pool: Literal["tok", "gap"] = "tok"
     activation: Activation = "quick_gelu"
     dtype: ComputeDtype = "float32"
+    remat: Remat = Field("none", description="recompute activations in the backward pass")
+    scan_layers: bool = Field(False, description="one traced block: compile time flat in depth")
 
     @model_validator(mode="after")
     def _check(self) -> VisionOptions:
@@ -55,6 +58,8 @@ class TextOptions(Options):
     pool: Literal["eos", "first", "mean"] = "eos"
     activation: Activation = "quick_gelu"
     dtype: ComputeDtype = "float32"
+    remat: Remat = Field("none", description="recompute activations in the backward pass")
+    scan_layers: bool = Field(False, description="one traced block: compile time flat in depth")
 
     @model_validator(mode="after")
     def _check(self) -> TextOptions:

@@ -118,19 +118,60 @@ class Block(nn.Module):
         return x_BxLxD + Mlp(self.mlp_hidden, self.activation, self.dtype, name="mlp")(h)
 
 
+REMAT_POLICIES = {
+    # "minimal": keep the matrix products' outputs, recompute the cheap elementwise work.
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # "full": keep only each block's input, recompute the whole block in the backward.
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class ScannedBlock(Block):
+    """A Block in the (carry, output) form ``nn.scan`` expects."""
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, mask: jax.Array | None):
+        x_BxLxD = super().__call__(x_BxLxD, mask)
+        return nn.with_logical_constraint(x_BxLxD, ("batch", None, None)), None
+
+
 class Encoder(nn.Module):
+    """``depth`` blocks, optionally rematerialised and/or scanned.
+
+    Scanning stacks the blocks' parameters on a leading ``layers`` axis and traces one
+    block, so the program (and compile time) does not grow with depth.
+    """
+
     depth: int
     heads: int
     mlp_hidden: int
     activation: str
     dtype: jnp.dtype = jnp.float32
+    scan: bool = False
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        args = (self.heads, self.mlp_hidden, self.activation, self.dtype)
+        if self.scan:
+            block = ScannedBlock
+            if self.remat != "none":
+                block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_BxLxD, _ = stack(*args, name="blocks")(x_BxLxD, mask)
+            return x_BxLxD
+        block = Block
+        if self.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat])
         for i in range(self.depth):
-            x_BxLxD = Block(
-                self.heads, self.mlp_hidden, self.activation, self.dtype, name=f"block_{i}"
-            )(x_BxLxD, mask)
+            x_BxLxD = block(*args, name=f"block_{i}")(x_BxLxD, mask)
             # Activations stay split over the batch axes whatever the parameters do
             # (a no-op outside a mesh context, e.g. when encoding on one device).
             x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", None, None))

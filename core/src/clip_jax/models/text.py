@@ -47,7 +47,14 @@ class TextTower(nn.Module):
         else:
             mask = nn.make_attention_mask(valid_BxL, valid_BxL, dtype=jnp.bool_)
         x_BxLxD = Encoder(
-            o.depth, o.heads, int(o.width * o.mlp_ratio), o.activation, dtype, name="encoder"
+            o.depth,
+            o.heads,
+            int(o.width * o.mlp_ratio),
+            o.activation,
+            dtype,
+            scan=o.scan_layers,
+            remat=o.remat,
+            name="encoder",
         )(x_BxLxD, mask)
         x_BxLxD = layer_norm("ln_final", dtype)(x_BxLxD)
         if o.pool == "eos":

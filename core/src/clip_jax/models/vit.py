@@ -47,7 +47,14 @@ class VisionTower(nn.Module):
         x_BxNxD = x_BxNxD + pos_NxD.astype(dtype)
         x_BxNxD = layer_norm("ln_pre", dtype)(x_BxNxD)
         x_BxNxD = Encoder(
-            o.depth, o.heads, int(o.width * o.mlp_ratio), o.activation, dtype, name="encoder"
+            o.depth,
+            o.heads,
+            int(o.width * o.mlp_ratio),
+            o.activation,
+            dtype,
+            scan=o.scan_layers,
+            remat=o.remat,
+            name="encoder",
         )(x_BxNxD)
         pooled_BxD = x_BxNxD[:, 0] if o.pool == "tok" else x_BxNxD.mean(axis=1)
         return layer_norm("ln_post", dtype)(pooled_BxD)
