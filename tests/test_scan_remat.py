@@ -17,11 +17,11 @@ SMALL = {
 }
 
 
-def model_for(**tower_options):
+def model_for(vision_only: dict | None = None, **tower_options):
     raw = {
         "model": {
             **SMALL,
-            "vision": {**SMALL["vision"], **tower_options},
+            "vision": {**SMALL["vision"], **tower_options, **(vision_only or {})},
             "text": {**SMALL["text"], **tower_options},
         }
     }
@@ -97,3 +97,20 @@ def test_remat_policies_change_nothing_in_the_numbers():
             grads,
             results["none"][1],
         )
+
+
+def test_map_pooling_and_registers_train_forward_and_backward():
+    spec, plain = model_for()
+    images, tokens = inputs(spec)
+    base = nn.unbox(plain.init(jax.random.key(0), images, tokens)["params"])
+    spec, model = model_for(vision_only={"pool": "map", "registers": 4})
+    params = nn.unbox(model.init(jax.random.key(0), images, tokens)["params"])
+    assert params["vision"]["registers"].shape == (4, 32)
+    assert "map_head" in params["vision"] and "map_head" not in base["vision"]
+    img_emb, txt_emb, _, _ = model.apply({"params": params}, images, tokens)
+    assert img_emb.shape == (4, 16)
+    np.testing.assert_allclose(np.linalg.norm(img_emb, axis=-1), 1.0, rtol=1e-5)
+    value, grads = loss_and_grads(model, params, images, tokens)
+    assert np.isfinite(value)
+    assert float(jnp.abs(grads["vision"]["registers"]).sum()) > 0  # registers are used
+    assert float(jnp.abs(grads["vision"]["map_head"]["probe"]).sum()) > 0

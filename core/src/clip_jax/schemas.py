@@ -30,7 +30,8 @@ class VisionOptions(Options):
     depth: int = Field(12, ge=1, le=256)
     heads: int = Field(12, ge=1)
     mlp_ratio: float = Field(4.0, gt=0)
-    pool: Literal["tok", "gap"] = "tok"
+    pool: Literal["tok", "gap", "map"] = "tok"
+    registers: int = Field(0, ge=0, le=64, description="extra learned tokens, dropped at the end")
     activation: Activation = "quick_gelu"
     dtype: ComputeDtype = "float32"
     remat: Remat = Field("none", description="recompute activations in the backward pass")

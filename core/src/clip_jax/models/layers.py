@@ -50,20 +50,28 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, mask_BxHxLxL: jax.Array | None) -> jax.Array:
+    def __call__(
+        self,
+        x_BxLxD: jax.Array,
+        mask_BxHxLxL: jax.Array | None,
+        kv_BxSxD: jax.Array | None = None,
+    ) -> jax.Array:
+        """Self-attention, or cross-attention from ``x`` to ``kv`` when it is given."""
         width = x_BxLxD.shape[-1]
         head_dim = width // self.heads
+        kv_BxSxD = x_BxLxD if kv_BxSxD is None else kv_BxSxD
 
-        def project(name: str) -> jax.Array:
+        def project(name: str, inputs: jax.Array) -> jax.Array:
             return nn.DenseGeneral(
                 (self.heads, head_dim),
                 dtype=self.dtype,
                 kernel_init=dense_init(("embed", "heads", "kv")),
                 bias_init=zeros(("heads", "kv")),
                 name=name,
-            )(x_BxLxD)
+            )(inputs)
 
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = project("query"), project("key"), project("value")
+        q_BxLxHxK = project("query", x_BxLxD)
+        k_BxLxHxK, v_BxLxHxK = project("key", kv_BxSxD), project("value", kv_BxSxD)
         out_BxLxHxK = jax.nn.dot_product_attention(
             q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_BxHxLxL
         )
@@ -116,6 +124,29 @@ class Block(nn.Module):
         x_BxLxD = x_BxLxD + Attention(self.heads, self.dtype, name="attn")(h, mask)
         h = layer_norm("ln_2", self.dtype)(x_BxLxD)
         return x_BxLxD + Mlp(self.mlp_hidden, self.activation, self.dtype, name="mlp")(h)
+
+
+class MapHead(nn.Module):
+    """Multihead attention pooling (big_vision's MAP): a learned probe attends to all tokens."""
+
+    heads: int
+    mlp_hidden: int
+    activation: str
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxNxD: jax.Array) -> jax.Array:
+        batch, _, width = x_BxNxD.shape
+        probe_1x1xD = self.param(
+            "probe",
+            nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (None, None, "embed")),
+            (1, 1, width),
+        )
+        probe_Bx1xD = jnp.broadcast_to(probe_1x1xD.astype(self.dtype), (batch, 1, width))
+        x_Bx1xD = Attention(self.heads, self.dtype, name="attn")(probe_Bx1xD, None, x_BxNxD)
+        y_Bx1xD = layer_norm("ln", self.dtype)(x_Bx1xD)
+        x_Bx1xD = x_Bx1xD + Mlp(self.mlp_hidden, self.activation, self.dtype, name="mlp")(y_Bx1xD)
+        return x_Bx1xD[:, 0]
 
 
 REMAT_POLICIES = {

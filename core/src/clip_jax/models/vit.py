@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import DTYPES, Encoder, layer_norm
+from clip_jax.models.layers import DTYPES, Encoder, MapHead, layer_norm
 from clip_jax.schemas import VisionOptions
 
 
@@ -45,6 +45,16 @@ class VisionTower(nn.Module):
             x_BxNxD.shape[1:],
         )
         x_BxNxD = x_BxNxD + pos_NxD.astype(dtype)
+        if o.registers:  # "Vision Transformers Need Registers": no position, dropped at the end
+            reg_RxD = self.param(
+                "registers",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(o.width**-0.5), (None, "embed")
+                ),
+                (o.registers, o.width),
+            )
+            reg_BxRxD = jnp.broadcast_to(reg_RxD.astype(dtype), (batch, o.registers, o.width))
+            x_BxNxD = jnp.concatenate([x_BxNxD, reg_BxRxD], axis=1)
         x_BxNxD = layer_norm("ln_pre", dtype)(x_BxNxD)
         x_BxNxD = Encoder(
             o.depth,
@@ -56,5 +66,12 @@ class VisionTower(nn.Module):
             remat=o.remat,
             name="encoder",
         )(x_BxNxD)
-        pooled_BxD = x_BxNxD[:, 0] if o.pool == "tok" else x_BxNxD.mean(axis=1)
-        return layer_norm("ln_post", dtype)(pooled_BxD)
+        if o.registers:
+            x_BxNxD = x_BxNxD[:, : -o.registers]
+        if o.pool == "tok":
+            return layer_norm("ln_post", dtype)(x_BxNxD[:, 0])
+        if o.pool == "gap":
+            return layer_norm("ln_post", dtype)(x_BxNxD.mean(axis=1))
+        x_BxNxD = layer_norm("ln_post", dtype)(x_BxNxD)
+        mlp_hidden = int(o.width * o.mlp_ratio)
+        return MapHead(o.heads, mlp_hidden, o.activation, dtype, name="map_head")(x_BxNxD)
