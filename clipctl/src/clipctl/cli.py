@@ -142,7 +142,10 @@ def _interrupt_on_sigterm():
     if threading.current_thread() is not threading.main_thread():
         return None
 
+    from clip_jax.train.signals import request_stop
+
     def interrupt(signum, frame):
+        request_stop()  # remembered, in case this exception is swallowed where it lands
         raise KeyboardInterrupt
 
     return signal.signal(signal.SIGTERM, interrupt)

@@ -199,6 +199,10 @@ def _loop(
         checkpoints.save(step, state, data, force=force)
 
     with StopRequest() as stop:
+        if stop.requested:  # asked to stop before the first step: nothing to save
+            progress.message(f"stopped at step {step}; rerun the same command to resume")
+            folder.write_status("interrupted", step=step, steps=total)
+            raise KeyboardInterrupt
         while step < total:
             batch = next(batches)
             images = jax.make_array_from_process_local_data(image_sharding, batch.images)
