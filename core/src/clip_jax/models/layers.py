@@ -207,3 +207,17 @@ class Encoder(nn.Module):
             # (a no-op outside a mesh context, e.g. when encoding on one device).
             x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", None, None))
         return x_BxLxD
+
+
+def tower_encoder(options, dtype) -> Encoder:
+    """The transformer of a tower (vision or text) from its options: one mapping for both."""
+    return Encoder(
+        options.depth,
+        options.heads,
+        int(options.width * options.mlp_ratio),
+        options.activation,
+        dtype,
+        scan=options.scan_layers,
+        remat=options.remat,
+        name="encoder",
+    )

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import DTYPES, Encoder, layer_norm
+from clip_jax.models.layers import DTYPES, layer_norm, tower_encoder
 from clip_jax.schemas import TextOptions
 
 PAD_ID = 0
@@ -46,16 +46,7 @@ class TextTower(nn.Module):
             mask = nn.make_causal_mask(tokens_BxL, dtype=jnp.bool_)
         else:
             mask = nn.make_attention_mask(valid_BxL, valid_BxL, dtype=jnp.bool_)
-        x_BxLxD = Encoder(
-            o.depth,
-            o.heads,
-            int(o.width * o.mlp_ratio),
-            o.activation,
-            dtype,
-            scan=o.scan_layers,
-            remat=o.remat,
-            name="encoder",
-        )(x_BxLxD, mask)
+        x_BxLxD = tower_encoder(o, dtype)(x_BxLxD, mask)
         x_BxLxD = layer_norm("ln_final", dtype)(x_BxLxD)
         if o.pool == "eos":
             last_B = jnp.maximum(valid_BxL.sum(axis=1) - 1, 0)

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import DTYPES, Encoder, MapHead, layer_norm
+from clip_jax.models.layers import DTYPES, MapHead, layer_norm, tower_encoder
 from clip_jax.schemas import VisionOptions
 
 
@@ -56,16 +56,7 @@ class VisionTower(nn.Module):
             reg_BxRxD = jnp.broadcast_to(reg_RxD.astype(dtype), (batch, o.registers, o.width))
             x_BxNxD = jnp.concatenate([x_BxNxD, reg_BxRxD], axis=1)
         x_BxNxD = layer_norm("ln_pre", dtype)(x_BxNxD)
-        x_BxNxD = Encoder(
-            o.depth,
-            o.heads,
-            int(o.width * o.mlp_ratio),
-            o.activation,
-            dtype,
-            scan=o.scan_layers,
-            remat=o.remat,
-            name="encoder",
-        )(x_BxNxD)
+        x_BxNxD = tower_encoder(o, dtype)(x_BxNxD)
         if o.registers:
             x_BxNxD = x_BxNxD[:, : -o.registers]
         if o.pool == "tok":
