@@ -19,6 +19,9 @@ def tiny_spec(**model):
     return validate({"model": {"preset": "tiny", **model}})
 
 
+TINY = tiny_spec().model
+
+
 def inputs(options, batch=BATCH, seed=0):
     rng = np.random.default_rng(seed)
     size = options.vision.image_size
@@ -72,7 +75,7 @@ def tiny():
 
 def test_output_shapes_and_unit_norm(tiny):
     model, _, _, _, (img, txt, log_scale, bias) = tiny
-    embed = model.options.embed_dim
+    embed = TINY.embed_dim
     assert img.shape == (BATCH, embed)
     assert txt.shape == (BATCH, embed)
     assert img.dtype == txt.dtype == jnp.float32
@@ -88,7 +91,7 @@ def test_output_shapes_and_unit_norm(tiny):
 
 def test_tiny_preset_parameter_shapes(tiny_shapes):
     model, variables = tiny_shapes
-    o = model.options
+    o = TINY
     params = nn.unbox(variables)["params"]
     assert params["text"]["token_embed"]["embedding"].shape == (o.text.vocab_size, o.text.width)
     assert params["text"]["pos_embed"].shape == (o.text.context_length, o.text.width)
@@ -104,8 +107,8 @@ def test_tiny_preset_parameter_shapes(tiny_shapes):
 def test_bias_param_only_with_init_bias(tiny_shapes):
     model, variables = tiny_shapes
     assert "logit_bias" in variables["params"]
-    images, tokens = inputs(model.options, batch=1)
-    no_bias = build_clip(model.options, 1 / 0.07, None)
+    images, tokens = inputs(TINY, batch=1)
+    no_bias = build_clip(TINY, 1 / 0.07, None)
     shapes = jax.eval_shape(no_bias.init, jax.random.key(0), images, tokens)["params"]
     assert "logit_bias" not in shapes
     assert "logit_scale" in shapes
@@ -119,7 +122,7 @@ def scalars(module):
 @pytest.mark.parametrize(("temperature", "bias"), [(10.0, -10.0), (1 / 0.07, None), (3.0, 2.5)])
 def test_logit_scale_and_bias_init(tiny, temperature, bias):
     # only the scalars are initialised (the towers' parameters are created when called)
-    model = build_clip(tiny[0].options, temperature, bias)
+    model = build_clip(TINY, temperature, bias)
     (scale, got_bias), variables = model.init_with_output(jax.random.key(0), method=scalars)
     assert set(variables["params"]) == {"logit_scale"} | ({"logit_bias"} if bias else set())
     np.testing.assert_allclose(float(scale), math.log(temperature), rtol=1e-6)

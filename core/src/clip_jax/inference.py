@@ -59,8 +59,13 @@ class LoadedClip:
         return probs / probs.sum(axis=1, keepdims=True)
 
 
-def load(run_dir: str | Path, step: int | None = None) -> LoadedClip:
-    """Load the latest (or a given) checkpoint of a run folder."""
+def load(run_dir: str | Path, step: int | None = None, image_size: int | None = None) -> LoadedClip:
+    """Load the latest (or a given) checkpoint of a run folder.
+
+    ``image_size`` other than the trained one resamples the position embeddings.
+    """
+    if image_size is not None:
+        return _load_resized(run_dir, step, image_size)
     folder = RunFolder(run_dir)
     if not folder.exists():
         raise UserError(f"{run_dir} is not a run folder (no spec.resolved.toml)")
@@ -79,6 +84,34 @@ def load(run_dir: str | Path, step: int | None = None) -> LoadedClip:
     checkpoints.close()
     tokenizer = comps.tokenizer(saved=folder.tokenizer)
     return LoadedClip(comps, params, tokenizer, step)
+
+
+def _load_resized(run_dir: str | Path, step: int | None, image_size: int) -> LoadedClip:
+    from clip_jax.train.state import state_shardings
+    from clip_jax.train.warm_start import class_token_rows, fit_params, params_of_run
+
+    source, trained = params_of_run(run_dir, step)
+    raw = trained.model_dump(mode="json", exclude_none=True)
+    spec = spec_lib.validate(
+        spec_lib.apply_overrides(raw, [f"model.vision.image_size={image_size}"])
+    )
+    comps = components(spec)
+    tx, _ = comps.optimizer()
+    _, abstract, _ = state_shardings(comps.model, tx, comps.layout, spec)
+    params = fit_params(source, abstract["params"], class_token_rows(spec))
+    tokenizer = comps.tokenizer(saved=RunFolder(run_dir).tokenizer)
+    latest = step if step is not None else _latest_step(run_dir, spec)
+    return LoadedClip(comps, params, tokenizer, latest)
+
+
+def _latest_step(run_dir: str | Path, spec) -> int:
+    from clip_jax.train.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(RunFolder(run_dir).checkpoints, spec.train.keep_checkpoints, 1)
+    try:
+        return int(checkpoints.latest_step() or 0)
+    finally:
+        checkpoints.close()
 
 
 def evaluate_run(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:

@@ -18,54 +18,83 @@ class Options(BaseModel):
 
 
 # --------------------------------------------------------------------------- model
-Activation = Literal["gelu", "quick_gelu"]
+Activation = Literal["gelu", "gelu_tanh", "quick_gelu", "swiglu"]
 ComputeDtype = Literal["float32", "bfloat16"]
 Remat = Literal["none", "minimal", "full"]
 
 
-class VisionOptions(Options):
-    image_size: int = Field(224, ge=8, le=4096)
-    patch_size: int = Field(16, ge=1, le=256)
+class TowerOptions(Options):
+    """What both towers' transformers share: size, block design, and how they run."""
+
     width: int = Field(768, ge=8)
     depth: int = Field(12, ge=1, le=256)
     heads: int = Field(12, ge=1)
-    mlp_ratio: float = Field(4.0, gt=0)
-    pool: Literal["tok", "gap", "map"] = "tok"
-    registers: int = Field(0, ge=0, le=64, description="extra learned tokens, dropped at the end")
-    activation: Activation = "quick_gelu"
-    dtype: ComputeDtype = "float32"
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden = width x ratio, unless mlp_dim")
+    mlp_dim: int | None = Field(None, ge=1, description="MLP hidden units (overrides mlp_ratio)")
+    activation: Activation = Field("quick_gelu", description="swiglu: SiLU-gated MLP")
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = Field(1e-5, gt=0, le=0.1)
+    use_bias: bool = Field(True, description="biases in attention, MLP and LayerNorm")
+    qk_norm: bool = Field(False, description="normalise queries and keys per head")
+    dropout: float = Field(0.0, ge=0, lt=1, description="on each residual branch, training only")
+    projection: Literal["linear", "none"] = Field(
+        "linear", description="none: the tower's output is the embedding (width = embed_dim)"
+    )
+    projection_bias: bool = False
+    dtype: ComputeDtype = Field("float32", description="compute dtype; parameters stay float32")
     remat: Remat = Field("none", description="recompute activations in the backward pass")
     scan_layers: bool = Field(False, description="one traced block: compile time flat in depth")
 
+    def _check_tower(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+
+
+class VisionOptions(TowerOptions):
+    image_size: int = Field(224, ge=8, le=4096)
+    patch_size: int = Field(16, ge=1, le=256)
+    patch_bias: bool = Field(False, description="bias in the patch embedding (timm/SigLIP)")
+    positions: Literal["learned", "sincos2d"] = "learned"
+    norm_pre: bool = Field(True, description="a norm before the blocks (CLIP's ln_pre)")
+    pool: Literal["tok", "gap", "map"] = "tok"
+    registers: int = Field(0, ge=0, le=64, description="extra learned tokens, dropped at the end")
+
     @model_validator(mode="after")
     def _check(self) -> VisionOptions:
+        self._check_tower()
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
             )
-        if self.width % self.heads:
-            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.positions == "sincos2d" and self.width % 4:
+            raise ValueError(f"positions = 'sincos2d' needs width ({self.width}) divisible by 4")
         return self
 
 
-class TextOptions(Options):
+class TextOptions(TowerOptions):
     vocab_size: int = Field(49408, ge=8)
     context_length: int = Field(77, ge=2, le=8192)
     width: int = Field(512, ge=8)
-    depth: int = Field(12, ge=1, le=256)
     heads: int = Field(8, ge=1)
-    mlp_ratio: float = Field(4.0, gt=0)
-    causal: bool = True
-    pool: Literal["eos", "first", "mean"] = "eos"
-    activation: Activation = "quick_gelu"
-    dtype: ComputeDtype = "float32"
-    remat: Remat = Field("none", description="recompute activations in the backward pass")
-    scan_layers: bool = Field(False, description="one traced block: compile time flat in depth")
+    causal: bool = Field(True, description="false: bidirectional, padding masked")
+    positions: Literal["learned", "rotary"] = "learned"
+    pool: Literal["eos", "last", "first", "mean", "map"] = Field(
+        "eos", description="eos: the end-of-text token; last: the final position (SigLIP)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TextOptions:
-        if self.width % self.heads:
-            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        self._check_tower()
+        if self.positions == "rotary" and (self.width // self.heads) % 2:
+            raise ValueError(
+                f"positions = 'rotary' needs an even head size (width / heads = "
+                f"{self.width // self.heads})"
+            )
+        if self.causal and self.pool == "first":
+            raise ValueError(
+                "pool = 'first' with causal = true: the first token sees only itself; "
+                "use pool = 'eos' or 'last', or causal = false"
+            )
         return self
 
 
@@ -74,9 +103,19 @@ class ClipOptions(Options):
 
     preset: str | None = None
     embed_dim: int = Field(512, ge=1)
-    projection_bias: bool = False
     vision: VisionOptions = VisionOptions()
     text: TextOptions = TextOptions()
+
+    @model_validator(mode="after")
+    def _check(self) -> ClipOptions:
+        for name, tower in (("vision", self.vision), ("text", self.text)):
+            if tower.projection == "none" and tower.width != self.embed_dim:
+                raise ValueError(
+                    f"{name}.projection = 'none' makes the {name} tower's output the "
+                    f"embedding: {name}.width ({tower.width}) must equal embed_dim "
+                    f"({self.embed_dim})"
+                )
+        return self
 
 
 # -------------------------------------------------------------------------- losses

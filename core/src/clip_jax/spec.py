@@ -37,6 +37,11 @@ class TrainOptions(Options):
     log_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
+    init_from: str | None = Field(
+        None,
+        description="a run folder whose latest parameters start this run (fine-tuning); "
+        "position embeddings are resampled to a new image size",
+    )
 
 
 class EvalOptions(Options):

@@ -2,12 +2,16 @@
 
 Every parameter carries logical axis names (``embed``, ``heads``, ``kv``, ``mlp``,
 ``vocab``) so that a sharding strategy can map them onto mesh axes without touching
-the model code.
+the model code. A block's shape is one frozen ``BlockConfig``, built from a tower's
+options by ``block_config``, so the many knobs travel together and hash for nn.scan.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,9 +26,42 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": nn.gelu,
+    "gelu": partial(nn.gelu, approximate=False),  # torch.nn.GELU(), open_clip's ViTs
+    "gelu_tanh": partial(nn.gelu, approximate=True),  # SigLIP / big_vision
     "quick_gelu": quick_gelu,
+    "swiglu": nn.silu,  # the gate's activation; Mlp adds the gated product
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    heads: int
+    mlp_hidden: int
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    use_bias: bool = True
+    qk_norm: bool = False
+    rotary: bool = False
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+
+def block_config(options, dtype) -> BlockConfig:
+    """One mapping from a tower's options (vision or text) to its blocks' shape."""
+    hidden = options.mlp_dim or int(options.width * options.mlp_ratio)
+    return BlockConfig(
+        heads=options.heads,
+        mlp_hidden=hidden,
+        activation=options.activation,
+        norm=options.norm,
+        norm_eps=options.norm_eps,
+        use_bias=options.use_bias,
+        qk_norm=options.qk_norm,
+        rotary=getattr(options, "positions", None) == "rotary",
+        dropout=options.dropout,
+        dtype=dtype,
+    )
 
 
 def dense_init(axes: tuple[str | None, ...]):
@@ -35,50 +72,72 @@ def zeros(axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def layer_norm(name: str, dtype) -> nn.LayerNorm:
+def make_norm(cfg: BlockConfig, name: str, axis_name: str = "embed") -> nn.Module:
+    """LayerNorm (bias follows ``use_bias``) or RMSNorm, with the config's epsilon."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,))
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, scale_init=scale_init, name=name)
     return nn.LayerNorm(
-        epsilon=1e-5,
-        dtype=dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-        bias_init=zeros(("embed",)),
+        epsilon=cfg.norm_eps,
+        dtype=cfg.dtype,
+        use_bias=cfg.use_bias,
+        scale_init=scale_init,
+        bias_init=zeros((axis_name,)),
         name=name,
     )
 
 
+def rotate(x_BxLxHxK: jax.Array, base: float = 10_000.0) -> jax.Array:
+    """Rotary position embedding (RoFormer), half-split layout, positions 0..L-1."""
+    length, head_dim = x_BxLxHxK.shape[1], x_BxLxHxK.shape[-1]
+    half = head_dim // 2
+    inv_freq_F = 1.0 / base ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angles_LxF = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq_F[None]
+    sin, cos = jnp.sin(angles_LxF)[None, :, None], jnp.cos(angles_LxF)[None, :, None]
+    x1, x2 = x_BxLxHxK[..., :half].astype(jnp.float32), x_BxLxHxK[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxHxK.dtype)
+
+
 class Attention(nn.Module):
-    heads: int
-    dtype: jnp.dtype = jnp.float32
+    cfg: BlockConfig
 
     @nn.compact
     def __call__(
         self,
         x_BxLxD: jax.Array,
-        mask_BxHxLxL: jax.Array | None,
+        mask: jax.Array | None,
         kv_BxSxD: jax.Array | None = None,
     ) -> jax.Array:
         """Self-attention, or cross-attention from ``x`` to ``kv`` when it is given."""
+        cfg = self.cfg
         width = x_BxLxD.shape[-1]
-        head_dim = width // self.heads
+        head_dim = width // cfg.heads
         kv_BxSxD = x_BxLxD if kv_BxSxD is None else kv_BxSxD
 
         def project(name: str, inputs: jax.Array) -> jax.Array:
             return nn.DenseGeneral(
-                (self.heads, head_dim),
-                dtype=self.dtype,
+                (cfg.heads, head_dim),
+                dtype=cfg.dtype,
+                use_bias=cfg.use_bias,
                 kernel_init=dense_init(("embed", "heads", "kv")),
                 bias_init=zeros(("heads", "kv")),
                 name=name,
             )(inputs)
 
         q_BxLxHxK = project("query", x_BxLxD)
-        k_BxLxHxK, v_BxLxHxK = project("key", kv_BxSxD), project("value", kv_BxSxD)
-        out_BxLxHxK = jax.nn.dot_product_attention(
-            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_BxHxLxL
-        )
+        k_BxSxHxK, v_BxSxHxK = project("key", kv_BxSxD), project("value", kv_BxSxD)
+        if cfg.qk_norm:  # ViT-22B: normalise queries and keys per head, stabler logits
+            q_BxLxHxK = make_norm(cfg, "query_norm", "kv")(q_BxLxHxK)
+            k_BxSxHxK = make_norm(cfg, "key_norm", "kv")(k_BxSxHxK)
+        if cfg.rotary:
+            q_BxLxHxK, k_BxSxHxK = rotate(q_BxLxHxK), rotate(k_BxSxHxK)
+        out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask)
         return nn.DenseGeneral(
             width,
             axis=(-2, -1),
-            dtype=self.dtype,
+            dtype=cfg.dtype,
+            use_bias=cfg.use_bias,
             kernel_init=dense_init(("heads", "kv", "embed")),
             bias_init=zeros(("embed",)),
             name="out",
@@ -86,24 +145,29 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    hidden: int
-    activation: str
-    dtype: jnp.dtype = jnp.float32
+    """Two-layer MLP; with ``swiglu``, a SiLU-gated unit (Shazeer 2020) of the same hidden size."""
+
+    cfg: BlockConfig
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        width = x_BxLxD.shape[-1]
-        h_BxLxM = nn.Dense(
-            self.hidden,
-            dtype=self.dtype,
+        cfg = self.cfg
+        dense = partial(
+            nn.Dense,
+            dtype=cfg.dtype,
+            use_bias=cfg.use_bias,
             kernel_init=dense_init(("embed", "mlp")),
             bias_init=zeros(("mlp",)),
-            name="fc1",
-        )(x_BxLxD)
-        h_BxLxM = ACTIVATIONS[self.activation](h_BxLxM)
+        )
+        h_BxLxM = dense(cfg.mlp_hidden, name="fc1")(x_BxLxD)
+        if cfg.activation == "swiglu":
+            h_BxLxM = nn.silu(dense(cfg.mlp_hidden, name="gate")(x_BxLxD)) * h_BxLxM
+        else:
+            h_BxLxM = ACTIVATIONS[cfg.activation](h_BxLxM)
         return nn.Dense(
-            width,
-            dtype=self.dtype,
+            x_BxLxD.shape[-1],
+            dtype=cfg.dtype,
+            use_bias=cfg.use_bias,
             kernel_init=dense_init(("mlp", "embed")),
             bias_init=zeros(("embed",)),
             name="fc2",
@@ -111,41 +175,38 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm residual block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
 
-    heads: int
-    mlp_hidden: int
-    activation: str
-    dtype: jnp.dtype = jnp.float32
+    cfg: BlockConfig
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, mask: jax.Array | None) -> jax.Array:
-        h = layer_norm("ln_1", self.dtype)(x_BxLxD)
-        x_BxLxD = x_BxLxD + Attention(self.heads, self.dtype, name="attn")(h, mask)
-        h = layer_norm("ln_2", self.dtype)(x_BxLxD)
-        return x_BxLxD + Mlp(self.mlp_hidden, self.activation, self.dtype, name="mlp")(h)
+        drop = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
+        h = make_norm(self.cfg, "ln_1")(x_BxLxD)
+        x_BxLxD = x_BxLxD + drop(Attention(self.cfg, name="attn")(h, mask))
+        h = make_norm(self.cfg, "ln_2")(x_BxLxD)
+        return x_BxLxD + drop(Mlp(self.cfg, name="mlp")(h))
 
 
 class MapHead(nn.Module):
     """Multihead attention pooling (big_vision's MAP): a learned probe attends to all tokens."""
 
-    heads: int
-    mlp_hidden: int
-    activation: str
-    dtype: jnp.dtype = jnp.float32
+    cfg: BlockConfig
 
     @nn.compact
-    def __call__(self, x_BxNxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxNxD: jax.Array, valid_BxN: jax.Array | None = None) -> jax.Array:
         batch, _, width = x_BxNxD.shape
         probe_1x1xD = self.param(
             "probe",
             nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (None, None, "embed")),
             (1, 1, width),
         )
-        probe_Bx1xD = jnp.broadcast_to(probe_1x1xD.astype(self.dtype), (batch, 1, width))
-        x_Bx1xD = Attention(self.heads, self.dtype, name="attn")(probe_Bx1xD, None, x_BxNxD)
-        y_Bx1xD = layer_norm("ln", self.dtype)(x_Bx1xD)
-        x_Bx1xD = x_Bx1xD + Mlp(self.mlp_hidden, self.activation, self.dtype, name="mlp")(y_Bx1xD)
+        probe_Bx1xD = jnp.broadcast_to(probe_1x1xD.astype(self.cfg.dtype), (batch, 1, width))
+        mask = None if valid_BxN is None else valid_BxN[:, None, None, :]
+        x_Bx1xD = Attention(self.cfg, name="attn")(probe_Bx1xD, mask, x_BxNxD)
+        y_Bx1xD = make_norm(self.cfg, "ln")(x_Bx1xD)
+        x_Bx1xD = x_Bx1xD + Mlp(self.cfg, name="mlp")(y_Bx1xD)
         return x_Bx1xD[:, 0]
 
 
@@ -174,16 +235,13 @@ class Encoder(nn.Module):
     """
 
     depth: int
-    heads: int
-    mlp_hidden: int
-    activation: str
-    dtype: jnp.dtype = jnp.float32
+    cfg: BlockConfig
     scan: bool = False
     remat: str = "none"
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        args = (self.heads, self.mlp_hidden, self.activation, self.dtype)
         if self.scan:
             block = ScannedBlock
             if self.remat != "none":
@@ -191,33 +249,31 @@ class Encoder(nn.Module):
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0},
-                split_rngs={"params": True},
+                split_rngs={"params": True, "dropout": True},
                 in_axes=nn.broadcast,
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BxLxD, _ = stack(*args, name="blocks")(x_BxLxD, mask)
+            x_BxLxD, _ = stack(self.cfg, self.deterministic, name="blocks")(x_BxLxD, mask)
             return x_BxLxD
         block = Block
         if self.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat])
         for i in range(self.depth):
-            x_BxLxD = block(*args, name=f"block_{i}")(x_BxLxD, mask)
+            x_BxLxD = block(self.cfg, self.deterministic, name=f"block_{i}")(x_BxLxD, mask)
             # Activations stay split over the batch axes whatever the parameters do
             # (a no-op outside a mesh context, e.g. when encoding on one device).
             x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", None, None))
         return x_BxLxD
 
 
-def tower_encoder(options, dtype) -> Encoder:
+def tower_encoder(options, cfg: BlockConfig, deterministic: bool) -> Encoder:
     """The transformer of a tower (vision or text) from its options: one mapping for both."""
     return Encoder(
         options.depth,
-        options.heads,
-        int(options.width * options.mlp_ratio),
-        options.activation,
-        dtype,
+        cfg,
         scan=options.scan_layers,
         remat=options.remat,
+        deterministic=deterministic,
         name="encoder",
     )

@@ -1,7 +1,9 @@
-"""The text tower: token + position embeddings, a (causal) transformer, pooled output.
+"""The text tower: token (+ position) embeddings, a transformer, pooled output.
 
 Padding id is 0 and every sequence ends with its end-of-text token, so "eos" pooling
-reads the last non-padding position.
+reads the last non-padding position. Bidirectional towers mask padded keys only: every
+position, padding included, reads the real tokens, which is what "last" pooling (SigLIP,
+text padded to a fixed length) relies on.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import DTYPES, layer_norm, tower_encoder
+from clip_jax.models.layers import DTYPES, MapHead, block_config, make_norm, tower_encoder
 from clip_jax.schemas import TextOptions
 
 PAD_ID = 0
@@ -20,13 +22,14 @@ class TextTower(nn.Module):
     options: TextOptions
 
     @nn.compact
-    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    def __call__(self, tokens_BxL: jax.Array, train: bool = False) -> jax.Array:
         o = self.options
         dtype = DTYPES[o.dtype]
+        cfg = block_config(o, dtype)
         length = tokens_BxL.shape[1]
         if length > o.context_length:
             raise ValueError(f"got {length} tokens, context_length is {o.context_length}")
-        embed = nn.Embed(
+        x_BxLxD = nn.Embed(
             o.vocab_size,
             o.width,
             dtype=dtype,
@@ -34,25 +37,32 @@ class TextTower(nn.Module):
                 nn.initializers.normal(0.02), ("vocab", "embed")
             ),
             name="token_embed",
-        )
-        pos_LxD = self.param(
-            "pos_embed",
-            nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
-            (o.context_length, o.width),
-        )
-        x_BxLxD = embed(tokens_BxL) + pos_LxD[:length].astype(dtype)
+        )(tokens_BxL)
+        if o.positions == "learned":  # rotary positions live in the attention instead
+            pos_LxD = self.param(
+                "pos_embed",
+                nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
+                (o.context_length, o.width),
+            )
+            x_BxLxD = x_BxLxD + pos_LxD[:length].astype(dtype)
         valid_BxL = tokens_BxL != PAD_ID
         if o.causal:
             mask = nn.make_causal_mask(tokens_BxL, dtype=jnp.bool_)
         else:
-            mask = nn.make_attention_mask(valid_BxL, valid_BxL, dtype=jnp.bool_)
-        x_BxLxD = tower_encoder(o, dtype)(x_BxLxD, mask)
-        x_BxLxD = layer_norm("ln_final", dtype)(x_BxLxD)
+            mask = jnp.broadcast_to(
+                valid_BxL[:, None, None, :], (len(tokens_BxL), 1, length, length)
+            )
+        x_BxLxD = tower_encoder(o, cfg, deterministic=not train)(x_BxLxD, mask)
+        x_BxLxD = make_norm(cfg, "ln_final")(x_BxLxD)
         if o.pool == "eos":
             last_B = jnp.maximum(valid_BxL.sum(axis=1) - 1, 0)
             return jnp.take_along_axis(x_BxLxD, last_B[:, None, None], axis=1)[:, 0]
+        if o.pool == "last":
+            return x_BxLxD[:, -1]
         if o.pool == "first":
             return x_BxLxD[:, 0]
+        if o.pool == "map":
+            return MapHead(cfg, name="map_head")(x_BxLxD, valid_BxL)
         weights_BxL = valid_BxL.astype(x_BxLxD.dtype)
         summed_BxD = jnp.einsum("bld,bl->bd", x_BxLxD, weights_BxL)
         return summed_BxD / jnp.maximum(weights_BxL.sum(axis=1, keepdims=True), 1)

@@ -1,36 +1,54 @@
-"""The ViT image tower (CLIP layout: patch conv without bias, class token, ln_pre/ln_post)."""
+"""The ViT image tower.
+
+The defaults give OpenAI CLIP's layout (patch conv without bias, class token, learned
+positions including the class slot, ln_pre/ln_post); options give timm/big_vision's
+SigLIP layout (patch bias, no ln_pre, MAP pooling) and the rest of the design space.
+"""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from clip_jax.models.layers import DTYPES, MapHead, layer_norm, tower_encoder
+from clip_jax.models.layers import DTYPES, MapHead, block_config, make_norm, tower_encoder
 from clip_jax.schemas import VisionOptions
+
+
+def sincos2d(grid_h: int, grid_w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed 2-D sine-cosine position embeddings (MoCo v3 / big_vision), (h*w, width)."""
+    y, x = np.mgrid[:grid_h, :grid_w]
+    omega = 1.0 / temperature ** (np.arange(width // 4) / max(width // 4 - 1, 1))
+    y, x = y.reshape(-1)[:, None] * omega[None], x.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
 
 
 class VisionTower(nn.Module):
     options: VisionOptions
 
     @nn.compact
-    def __call__(self, images_BxHxWxC: jax.Array) -> jax.Array:
+    def __call__(self, images_BxHxWxC: jax.Array, train: bool = False) -> jax.Array:
         o = self.options
         dtype = DTYPES[o.dtype]
+        cfg = block_config(o, dtype)
         patches_BxhxwxD = nn.Conv(
             o.width,
             (o.patch_size, o.patch_size),
             strides=(o.patch_size, o.patch_size),
             padding="VALID",
-            use_bias=False,
+            use_bias=o.patch_bias,
             dtype=dtype,
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.lecun_normal(), (None, None, None, "embed")
             ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
             name="patch_embed",
         )(images_BxHxWxC.astype(dtype))
-        batch = patches_BxhxwxD.shape[0]
+        batch, grid_h, grid_w, _ = patches_BxhxwxD.shape
         x_BxNxD = patches_BxhxwxD.reshape(batch, -1, o.width)
+        if o.positions == "sincos2d":
+            x_BxNxD = x_BxNxD + jnp.asarray(sincos2d(grid_h, grid_w, o.width), dtype)
         if o.pool == "tok":
             cls_D = self.param(
                 "class_token",
@@ -39,12 +57,15 @@ class VisionTower(nn.Module):
             )
             cls_Bx1xD = jnp.broadcast_to(cls_D.astype(dtype), (batch, 1, o.width))
             x_BxNxD = jnp.concatenate([cls_Bx1xD, x_BxNxD], axis=1)
-        pos_NxD = self.param(
-            "pos_embed",
-            nn.with_logical_partitioning(nn.initializers.normal(o.width**-0.5), (None, "embed")),
-            x_BxNxD.shape[1:],
-        )
-        x_BxNxD = x_BxNxD + pos_NxD.astype(dtype)
+        if o.positions == "learned":  # CLIP layout: the class token has a position too
+            pos_NxD = self.param(
+                "pos_embed",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(o.width**-0.5), (None, "embed")
+                ),
+                x_BxNxD.shape[1:],
+            )
+            x_BxNxD = x_BxNxD + pos_NxD.astype(dtype)
         if o.registers:  # "Vision Transformers Need Registers": no position, dropped at the end
             reg_RxD = self.param(
                 "registers",
@@ -55,14 +76,14 @@ class VisionTower(nn.Module):
             )
             reg_BxRxD = jnp.broadcast_to(reg_RxD.astype(dtype), (batch, o.registers, o.width))
             x_BxNxD = jnp.concatenate([x_BxNxD, reg_BxRxD], axis=1)
-        x_BxNxD = layer_norm("ln_pre", dtype)(x_BxNxD)
-        x_BxNxD = tower_encoder(o, dtype)(x_BxNxD)
+        if o.norm_pre:
+            x_BxNxD = make_norm(cfg, "ln_pre")(x_BxNxD)
+        x_BxNxD = tower_encoder(o, cfg, deterministic=not train)(x_BxNxD)
         if o.registers:
             x_BxNxD = x_BxNxD[:, : -o.registers]
         if o.pool == "tok":
-            return layer_norm("ln_post", dtype)(x_BxNxD[:, 0])
+            return make_norm(cfg, "ln_post")(x_BxNxD[:, 0])
         if o.pool == "gap":
-            return layer_norm("ln_post", dtype)(x_BxNxD.mean(axis=1))
-        x_BxNxD = layer_norm("ln_post", dtype)(x_BxNxD)
-        mlp_hidden = int(o.width * o.mlp_ratio)
-        return MapHead(o.heads, mlp_hidden, o.activation, dtype, name="map_head")(x_BxNxD)
+            return make_norm(cfg, "ln_post")(x_BxNxD.mean(axis=1))
+        x_BxNxD = make_norm(cfg, "ln_post")(x_BxNxD)
+        return MapHead(cfg, name="map_head")(x_BxNxD)

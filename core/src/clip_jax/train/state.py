@@ -87,16 +87,25 @@ def create_state(model: nn.Module, tx, layout: Layout, spec, seed: int) -> tuple
     return state, abstract
 
 
-def make_train_step(model: nn.Module, loss_fn, tx, schedule, shardings, layout: Layout) -> Callable:
+def make_train_step(
+    model: nn.Module, loss_fn, tx, schedule, shardings, layout: Layout, seed: int = 0
+) -> Callable:
     def train_step(state: State, images_BxHxWxC: jax.Array, tokens_BxL: jax.Array):
         # Trace under the mesh and the logical rules: activation constraints apply.
         with layout.mesh, nn.logical_axis_rules(layout.all_rules):
             return _train_step(state, images_BxHxWxC, tokens_BxL)
 
     def _train_step(state: State, images_BxHxWxC: jax.Array, tokens_BxL: jax.Array):
+        # Dropout masks differ per step and are the same on every topology and resume.
+        dropout_rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+
         def compute_loss(params):
             img_emb_BxD, txt_emb_BxD, log_scale, bias = model.apply(
-                {"params": params}, images_BxHxWxC, tokens_BxL
+                {"params": params},
+                images_BxHxWxC,
+                tokens_BxL,
+                train=True,
+                rngs={"dropout": dropout_rng},
             )
             return loss_fn(img_emb_BxD, txt_emb_BxD, log_scale, bias), (log_scale, bias)
 

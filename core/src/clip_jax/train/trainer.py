@@ -96,6 +96,15 @@ def train(spec: RunSpec, force: bool = False, stream: TextIO | None = None) -> d
         raise
 
 
+def _warm_start(state, spec: RunSpec, tx, abstract, shardings):
+    """A fresh state whose parameters (and so optimizer moments' shapes) come from init_from."""
+    from clip_jax.train.warm_start import warm_params
+
+    params = warm_params(spec.train.init_from, spec, abstract["params"], shardings["params"])
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    return {"step": state["step"], "params": params, "opt_state": opt_state}
+
+
 def _last_step(folder: RunFolder) -> int:
     return max((r.get("step", 0) for r in folder.metrics()), default=0)
 
@@ -126,6 +135,9 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
         latest = checkpoints.latest_step()
         if latest is None:
             state, _ = create_state(model, tx, layout, spec, spec.run.seed)
+            if spec.train.init_from:
+                state = _warm_start(state, spec, tx, abstract, shardings)
+                progress.message(f"parameters from {spec.train.init_from}")
             data_state = {"positions": [0] * source.keys.readers, "skipped": 0}
         else:
             state, data_state = checkpoints.restore(latest, abstract)
@@ -148,7 +160,9 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
             tokenizer,
             state,
             data_state,
-            make_train_step(model, comps.loss.fn, tx, schedule, shardings, layout),
+            make_train_step(
+                model, comps.loss.fn, tx, schedule, shardings, layout, seed=spec.run.seed
+            ),
             encoders,
         )
         checkpoints.close()

@@ -1,0 +1,117 @@
+"""Parameters from another run's checkpoint, fitted to this model.
+
+The common case is a change of resolution (pre-train at 224, fine-tune at 384): the
+learned position embeddings of the image tower are resampled on their 2-D grid, the way
+big_vision and open_clip do it. Any other shape change is an error that names the
+parameter, because silently re-initialising part of a model loses work.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clip_jax.errors import UserError
+
+
+def resample_positions(pos_NxD: np.ndarray, new_tokens: int, prefix: int) -> np.ndarray:
+    """Resize the square grid of a (prefix + h*w, D) table to (prefix + h'*w', D).
+
+    ``prefix`` rows (the class token's position) are kept as they are. Bilinear with
+    antialiasing, half-pixel centres: the grid covers the same image area at any size.
+    """
+    old_grid, new_grid = _side(len(pos_NxD) - prefix), _side(new_tokens - prefix)
+    if old_grid is None or new_grid is None:
+        raise UserError(
+            f"cannot resample position embeddings of {len(pos_NxD)} tokens to {new_tokens}: "
+            "the patch grids are not square"
+        )
+    grid_hxwxD = np.asarray(pos_NxD[prefix:], np.float32).reshape(old_grid, old_grid, -1)
+    resized = jax.image.resize(
+        jnp.asarray(grid_hxwxD), (new_grid, new_grid, grid_hxwxD.shape[-1]), "bilinear"
+    )
+    resized = np.asarray(resized).reshape(new_grid * new_grid, -1)
+    return np.concatenate([np.asarray(pos_NxD[:prefix], np.float32), resized]).astype(pos_NxD.dtype)
+
+
+def _side(tokens: int) -> int | None:
+    side = math.isqrt(tokens)
+    return side if side * side == tokens else None
+
+
+def fit_params(source: Any, target: Any, prefix: int) -> Any:
+    """``source`` parameters with ``target``'s tree and shapes (``target`` may be abstract)."""
+    flat_source = dict(jax.tree_util.tree_leaves_with_path(source))
+    flat_target = jax.tree_util.tree_leaves_with_path(target)
+    missing = [_name(p) for p, _ in flat_target if p not in flat_source]
+    if missing:
+        raise UserError(f"the checkpoint has no {', '.join(missing[:5])}: different models")
+    fitted = []
+    for path, want in flat_target:
+        have = flat_source[path]
+        name = _name(path)
+        if have.shape != want.shape:
+            if name != "vision/pos_embed":
+                raise UserError(
+                    f"parameter {name}: the checkpoint's shape {tuple(have.shape)} does not "
+                    f"fit this model's {tuple(want.shape)}"
+                )
+            have = resample_positions(np.asarray(have), want.shape[0], prefix)
+        fitted.append(np.asarray(have, want.dtype))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), fitted)
+
+
+def _name(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def params_of_run(run_dir: str | Path, step: int | None = None) -> tuple[Any, Any]:
+    """(host parameters, spec) of a run folder's latest (or given) checkpoint."""
+    from clip_jax import spec as spec_lib
+    from clip_jax.components import components
+    from clip_jax.run_folder import RunFolder
+    from clip_jax.train.checkpoint import Checkpoints
+    from clip_jax.train.state import state_shardings
+
+    folder = RunFolder(run_dir)
+    if not folder.exists():
+        raise UserError(f"{run_dir} is not a run folder (no spec.resolved.toml)")
+    spec = spec_lib.validate(folder.read_spec())
+    comps = components(spec)
+    checkpoints = Checkpoints(folder.checkpoints, spec.train.keep_checkpoints, 1)
+    try:
+        step = step if step is not None else checkpoints.latest_step()
+        if step is None:
+            raise UserError(f"{run_dir} has no checkpoint yet")
+        tx, _ = comps.optimizer()
+        _, abstract, _ = state_shardings(comps.model, tx, comps.layout, spec)
+        params = checkpoints.restore_params(step, abstract)
+    finally:
+        checkpoints.close()
+    from clip_jax.distributed import to_host
+
+    return jax.tree.map(np.asarray, to_host(params)), spec
+
+
+def warm_params(init_from: str, spec, abstract_params: Any, shardings: Any) -> Any:
+    """Another run's parameters, fitted to ``spec``'s model and placed on its shardings."""
+    source, _ = params_of_run(init_from)
+    fitted = fit_params(source, abstract_params, class_token_rows(spec))
+    return jax.tree.map(
+        lambda value, sharding: jax.make_array_from_callback(
+            value.shape, sharding, lambda index: value[index]
+        ),
+        fitted,
+        shardings,
+    )
+
+
+def class_token_rows(spec) -> int:
+    """Rows of the learned position table that are not on the patch grid."""
+    vision = spec.model.vision
+    return 1 if getattr(vision, "pool", None) == "tok" else 0
