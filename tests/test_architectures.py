@@ -19,6 +19,20 @@ VISION = {"image_size": 16, "patch_size": 4, "width": 32, "depth": 2, "heads": 4
 TEXT = {"vocab_size": 300, "context_length": 8, "width": 32, "depth": 2, "heads": 4}
 
 
+def random_params(model, images, tokens, seed=0):
+    """Parameters filled in numpy from the abstract shapes: compiling each combination's
+    initialisers would double these tests' time, and they are about forward/backward."""
+    rng = np.random.default_rng(seed)
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images, tokens))
+
+    def fill(path, leaf):
+        if path[-1].key == "scale":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.asarray(rng.normal(scale=0.1, size=leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 def spec_for(vision=None, text=None, **model):
     raw = {
         "model": {
@@ -72,7 +86,7 @@ def test_combination_trains_forward_and_backward(name):
     spec = spec_for(vision, text)
     model = build_clip(spec.model, 10.0, -10.0)
     images, tokens = batch(spec)
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images, tokens)["params"])
+    params = random_params(model, images, tokens)["params"]
     loss_fn = sigmoid_loss(SigmoidOptions()).fn
 
     def loss(p, rng):
@@ -123,13 +137,16 @@ def test_dropout_only_when_training():
     plain = build_clip(spec_for().model, 10.0, None)
     model = build_clip(spec.model, 10.0, None)
     images, tokens = batch(spec)
-    variables = jax.jit(model.init)(jax.random.key(0), images, tokens)
-    ref = plain.apply(variables, images, tokens)[0]
-    np.testing.assert_allclose(model.apply(variables, images, tokens)[0], ref, atol=1e-6)
+    variables = random_params(model, images, tokens)
+    ref = jax.jit(plain.apply)(variables, images, tokens)[0]
+    np.testing.assert_allclose(jax.jit(model.apply)(variables, images, tokens)[0], ref, atol=1e-6)
+
+    @jax.jit
+    def train_embeddings(rng):
+        return model.apply(variables, images, tokens, train=True, rngs={"dropout": rng})[0]
 
     def train(seed):
-        rngs = {"dropout": jax.random.key(seed)}
-        return model.apply(variables, images, tokens, train=True, rngs=rngs)[0]
+        return train_embeddings(jax.random.key(seed))
 
     assert not np.allclose(train(0), ref, atol=1e-3)
     np.testing.assert_array_equal(train(0), train(0))
