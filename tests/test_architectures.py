@@ -54,28 +54,40 @@ def batch(spec, size=3):
     return jnp.asarray(images), jnp.asarray(tokens)
 
 
-COMBINATIONS = {
+COMBINATIONS = {  # together, every option value of both towers at least once
     "siglip-like": (
         {"pool": "map", "patch_bias": True, "norm_pre": False, "activation": "gelu_tanh"},
         {"causal": False, "pool": "last", "activation": "gelu_tanh", "projection_bias": True},
     ),
-    "sincos2d-gap-registers": ({"positions": "sincos2d", "pool": "gap", "registers": 2}, {}),
-    "rmsnorm-qknorm-nobias": (
-        {"norm": "rmsnorm", "qk_norm": True, "use_bias": False},
+    "sincos2d-rmsnorm-qknorm-nobias": (
+        {
+            "positions": "sincos2d",
+            "pool": "gap",
+            "registers": 2,
+            "norm": "rmsnorm",
+            "qk_norm": True,
+            "use_bias": False,
+        },
         {"norm": "rmsnorm", "qk_norm": True, "use_bias": False, "positions": "rotary"},
     ),
-    "swiglu-mlp_dim": (
+    "swiglu-text-map": (
         {"activation": "swiglu", "mlp_dim": 40},
-        {"activation": "swiglu", "mlp_ratio": 2.5, "pool": "mean", "causal": False},
+        {"activation": "swiglu", "mlp_ratio": 2.5, "pool": "map", "causal": False},
     ),
-    "text-map-first": ({"activation": "gelu"}, {"pool": "map", "causal": False}),
-    "projection-none": (
-        {"width": EMBED, "heads": 2, "projection": "none"},
-        {"pool": "first", "causal": False},
+    "projection-none-gelu-mean": (
+        {"width": EMBED, "heads": 2, "projection": "none", "activation": "gelu"},
+        {"pool": "mean", "causal": False},
     ),
     "dropout-scan-remat-bf16": (
         {"dropout": 0.1, "scan_layers": True, "remat": "full", "dtype": "bfloat16"},
-        {"dropout": 0.1, "scan_layers": True, "remat": "minimal", "positions": "rotary"},
+        {
+            "dropout": 0.1,
+            "scan_layers": True,
+            "remat": "minimal",
+            "positions": "rotary",
+            "pool": "first",
+            "causal": False,
+        },
     ),
 }
 

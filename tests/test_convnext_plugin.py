@@ -32,12 +32,12 @@ def test_the_plugin_tower_trains_through_the_trainer(small_run):
     spec = load_spec(
         QUICKSTART,
         overrides
-        + ["model.architecture=convnext_clip", "train.steps=20", "train.checkpoint_every=20"],
+        + ["model.architecture=convnext_clip", "train.steps=10", "train.checkpoint_every=10"],
     )
     results = train(spec)
     folder = RunFolder(spec.run.output_dir)
     losses = [r["loss"] for r in folder.metrics() if r["split"] == "train"]
-    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert len(losses) == 2 and losses[-1] < losses[0]
     assert folder.status()["state"] == "finished"
-    assert (folder.checkpoints / "20").exists()
+    assert (folder.checkpoints / "10").exists()
     assert results["zero_shot_classes"] == 16

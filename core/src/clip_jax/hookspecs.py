@@ -23,7 +23,15 @@ hookspec = pluggy.HookspecMarker("clip_jax")
 
 @hookspec
 def register_architectures(register):
-    """Register model architectures (two-tower image-text models)."""
+    """Register model architectures (two-tower image-text models).
+
+    The factory is ``factory(options, init_temperature, init_bias)`` and returns a Flax
+    module with the CLIP interface (``__call__(images, tokens, train=False)`` giving
+    image embeddings, text embeddings, log scale, bias; ``encode_images``,
+    ``encode_texts``); ``clip_jax.models.clip.two_tower`` builds one from any two towers.
+    The options must have ``vision.image_size``, ``text.context_length`` and
+    ``text.vocab_size``: the data pipeline and the tokenizer read them.
+    """
 
 
 @hookspec

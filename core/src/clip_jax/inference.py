@@ -15,7 +15,6 @@ import numpy as np
 
 from clip_jax import spec as spec_lib
 from clip_jax.components import Components, components
-from clip_jax.errors import UserError
 from clip_jax.run_folder import RunFolder
 
 
@@ -27,9 +26,12 @@ class LoadedClip:
     step: int
 
     def __post_init__(self) -> None:
+        import jax
+
         from clip_jax.evaluate import padded_encoder
         from clip_jax.train.state import make_encoders
 
+        self.params = jax.device_put(self.params)  # once, not at every call
         images_fn, texts_fn = make_encoders(self.comps.model)
         size = self.comps.spec.eval.batch_size
         self._images = padded_encoder(images_fn, self.params, size)
@@ -64,33 +66,22 @@ def load(run_dir: str | Path, step: int | None = None, image_size: int | None = 
 
     ``image_size`` other than the trained one resamples the position embeddings.
     """
-    if image_size is not None:
-        return _load_resized(run_dir, step, image_size)
-    folder = RunFolder(run_dir)
-    if not folder.exists():
-        raise UserError(f"{run_dir} is not a run folder (no spec.resolved.toml)")
-    spec = spec_lib.validate(folder.read_spec())
-    comps = components(spec)
-    from clip_jax.train.checkpoint import Checkpoints
-    from clip_jax.train.state import state_shardings
+    from clip_jax.train.warm_start import params_of_run
 
-    checkpoints = Checkpoints(folder.checkpoints, spec.train.keep_checkpoints, 1)
-    step = step if step is not None else checkpoints.latest_step()
-    if step is None:
-        raise UserError(f"{run_dir} has no checkpoint yet")
-    tx, _ = comps.optimizer()
-    _, abstract, _ = state_shardings(comps.model, tx, comps.layout, spec)
-    params = checkpoints.restore_params(step, abstract)
-    checkpoints.close()
-    tokenizer = comps.tokenizer(saved=folder.tokenizer)
+    params, trained, step = params_of_run(run_dir, step)
+    if image_size is None or image_size == trained.model.vision.image_size:
+        comps = components(trained)
+    else:
+        params, comps = _resized(params, trained, image_size)
+    tokenizer = comps.tokenizer(saved=RunFolder(run_dir).tokenizer)
     return LoadedClip(comps, params, tokenizer, step)
 
 
-def _load_resized(run_dir: str | Path, step: int | None, image_size: int) -> LoadedClip:
+def _resized(params: Any, trained: spec_lib.RunSpec, image_size: int) -> tuple[Any, Components]:
+    """The parameters fitted to the same model at another image size."""
     from clip_jax.train.state import state_shardings
-    from clip_jax.train.warm_start import class_token_rows, fit_params, params_of_run
+    from clip_jax.train.warm_start import class_token_rows, fit_params
 
-    source, trained = params_of_run(run_dir, step)
     raw = trained.model_dump(mode="json", exclude_none=True)
     spec = spec_lib.validate(
         spec_lib.apply_overrides(raw, [f"model.vision.image_size={image_size}"])
@@ -98,20 +89,7 @@ def _load_resized(run_dir: str | Path, step: int | None, image_size: int) -> Loa
     comps = components(spec)
     tx, _ = comps.optimizer()
     _, abstract, _ = state_shardings(comps.model, tx, comps.layout, spec)
-    params = fit_params(source, abstract["params"], class_token_rows(spec))
-    tokenizer = comps.tokenizer(saved=RunFolder(run_dir).tokenizer)
-    latest = step if step is not None else _latest_step(run_dir, spec)
-    return LoadedClip(comps, params, tokenizer, latest)
-
-
-def _latest_step(run_dir: str | Path, spec) -> int:
-    from clip_jax.train.checkpoint import Checkpoints
-
-    checkpoints = Checkpoints(RunFolder(run_dir).checkpoints, spec.train.keep_checkpoints, 1)
-    try:
-        return int(checkpoints.latest_step() or 0)
-    finally:
-        checkpoints.close()
+    return fit_params(params, abstract["params"], class_token_rows(spec)), comps
 
 
 def evaluate_run(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:

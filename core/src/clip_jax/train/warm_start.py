@@ -70,8 +70,8 @@ def _name(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def params_of_run(run_dir: str | Path, step: int | None = None) -> tuple[Any, Any]:
-    """(host parameters, spec) of a run folder's latest (or given) checkpoint."""
+def params_of_run(run_dir: str | Path, step: int | None = None) -> tuple[Any, Any, int]:
+    """(host parameters, spec, step) of a run folder's latest (or given) checkpoint."""
     from clip_jax import spec as spec_lib
     from clip_jax.components import components
     from clip_jax.run_folder import RunFolder
@@ -95,12 +95,12 @@ def params_of_run(run_dir: str | Path, step: int | None = None) -> tuple[Any, An
         checkpoints.close()
     from clip_jax.distributed import to_host
 
-    return jax.tree.map(np.asarray, to_host(params)), spec
+    return jax.tree.map(np.asarray, to_host(params)), spec, step
 
 
 def warm_params(init_from: str, spec, abstract_params: Any, shardings: Any) -> Any:
     """Another run's parameters, fitted to ``spec``'s model and placed on its shardings."""
-    source, _ = params_of_run(init_from)
+    source, _, _ = params_of_run(init_from)
     fitted = fit_params(source, abstract_params, class_token_rows(spec))
     return jax.tree.map(
         lambda value, sharding: jax.make_array_from_callback(
