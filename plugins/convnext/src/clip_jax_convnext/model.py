@@ -12,11 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.models.clip import Clip, two_tower
+from clip_jax.models.layers import DTYPES
 from clip_jax.models.text import TextTower
 from clip_jax_convnext.options import ConvNextClipOptions, ConvNextOptions
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 def _norm(name: str, dtype) -> nn.LayerNorm:
     return nn.LayerNorm(
