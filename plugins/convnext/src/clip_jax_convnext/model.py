@@ -16,6 +16,7 @@ from clip_jax.models.layers import DTYPES
 from clip_jax.models.text import TextTower
 from clip_jax_convnext.options import ConvNextClipOptions, ConvNextOptions
 
+
 def _norm(name: str, dtype) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=1e-6,
