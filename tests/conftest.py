@@ -1,10 +1,23 @@
 """Shared fixtures. Eight simulated CPU devices, set before anything imports jax."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# One XLA compilation cache for the session, inherited by the `clipctl run` processes
+# the tests start: many tests train the same small model, and each in-process train()
+# or launched run would otherwise compile the same programs again (-40 s on test_train
+# and test_runs). Per session, so no test ever reads another session's executables.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="clip-jax-tests-xla-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 from pathlib import Path  # noqa: E402
 
