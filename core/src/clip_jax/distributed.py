@@ -50,6 +50,13 @@ def allgather(values: np.ndarray) -> np.ndarray:
     return np.asarray(gathered)
 
 
+def any_process(flag: bool) -> bool:
+    """True on every process when any process's ``flag`` is (all must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(allgather(np.asarray([flag], np.int32)).any())
+
+
 def to_host(tree: Any) -> Any:
     """A full numpy copy of a sharded pytree on every process (all must call it)."""
     if jax.process_count() == 1:

@@ -213,7 +213,10 @@ def _loop(
         checkpoints.save(step, state, data, force=force)
 
     with StopRequest() as stop:
-        if stop.requested:  # asked to stop before the first step: nothing to save
+        # Processes stop together: a request to any one of them (Ctrl-C on its terminal,
+        # `clipctl stop` to process 0) is agreed on at the next sync point, so all save
+        # the same step and none is left waiting in a collective.
+        if distributed.any_process(stop.requested):  # before the first step: nothing to save
             progress.message(f"stopped at step {step}; rerun the same command to resume")
             folder.write_status("interrupted", step=step, steps=total)
             raise KeyboardInterrupt
@@ -230,7 +233,8 @@ def _loop(
                 timer, timed_steps = time.perf_counter(), 0
             else:
                 timed_steps += 1
-            if step % spec.train.log_every == 0 or step == total or stop.requested:
+            stopping = _stop_agreed(stop.requested, step % spec.train.log_every == 0)
+            if step % spec.train.log_every == 0 or step == total or stopping:
                 record = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - timer
                 images_per_s = timed_steps * batch_size / elapsed if timed_steps else 0.0
@@ -240,11 +244,11 @@ def _loop(
                 _log_train(folder, progress, step, record, batch_size)
                 folder.write_status("running", step=step, steps=total)
             eval_now = spec.eval.every and step % spec.eval.every == 0 and step < total
-            if eval_now:
+            if eval_now and not stopping:
                 results = _evaluate(comps, folder, progress, step, state, tokenizer, encoders)
-            if step % spec.train.checkpoint_every == 0 or step == total or stop.requested:
-                save(force=stop.requested)
-            if stop.requested:
+            if step % spec.train.checkpoint_every == 0 or step == total or stopping:
+                save(force=stopping)
+            if stopping:
                 checkpoints.close()
                 progress.message(f"stopped at step {step}; rerun the same command to resume")
                 folder.write_status("interrupted", step=step, steps=total)
@@ -252,6 +256,14 @@ def _loop(
     results = _evaluate(comps, folder, progress, step, state, tokenizer, encoders)
     folder.write_status("finished", step=step, steps=total)
     return results
+
+
+def _stop_agreed(requested: bool, sync_point: bool) -> bool:
+    """One process decides alone at every step; several agree at log steps only, since
+    agreeing is a collective that makes the host wait for the device."""
+    if jax.process_count() == 1:
+        return requested
+    return sync_point and distributed.any_process(requested)
 
 
 def _log_train(folder, progress, step, record, batch_size) -> None:
