@@ -22,6 +22,15 @@ def test_its_options_are_validated_like_the_builtins():
     with pytest.raises(SpecError) as err:
         load_spec(QUICKSTART, ["model.architecture=convnext_clip", "model.vision.dims=[8,16]"])
     assert "depths (3 stages) and dims (2) must match" in str(err.value)
+    with pytest.raises(SpecError, match=r"text.width \(128\) == embed_dim \(64\)"):
+        load_spec(
+            QUICKSTART,
+            [
+                "model.architecture=convnext_clip",
+                "model.embed_dim=64",
+                "model.text.projection=none",
+            ],
+        )
     with pytest.raises(SpecError, match="model.vision.patch_size"):
         load_spec(QUICKSTART, ["model.architecture=convnext_clip", "model.vision.patch_size=4"])
 

@@ -329,3 +329,28 @@ def test_train_steps_override(steps):
         with pytest.raises(SpecError) as info:
             load_spec(QUICKSTART, [f"train.steps={steps}"])
         assert [path for path, _ in info.value.problems] == ["train.steps"]
+
+
+def test_older_specs_still_validate():
+    # run folders written before per-tower projections had one model.projection_bias
+    spec = validate({"model": {"preset": "tiny", "projection_bias": True}})
+    assert spec.model.vision.projection_bias and spec.model.text.projection_bias
+    kept = validate({"model": {"projection_bias": True, "text": {"projection_bias": False}}})
+    assert kept.model.vision.projection_bias and not kept.model.text.projection_bias
+
+
+def test_a_run_folder_from_an_older_schema_is_the_same_run(tmp_path):
+    import tomlkit
+
+    from clip_jax.run_folder import RunFolder, RunFolderConflict, check_run_folder
+
+    old = {
+        "run": {"output_dir": str(tmp_path)},
+        "model": {"preset": "tiny", "projection_bias": False},
+    }
+    folder = RunFolder(tmp_path)
+    folder.write_spec(tomlkit.dumps(old))
+    check_run_folder(folder, validate(old), force=False)  # new keys take their defaults
+    changed = validate({**old, "train": {"steps": 7}})
+    with pytest.raises(RunFolderConflict, match="train.steps"):
+        check_run_folder(folder, changed, force=False)

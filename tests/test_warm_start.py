@@ -77,12 +77,15 @@ def test_fine_tune_at_a_higher_resolution_from_a_run(small_run, tmp_path):
             "train.checkpoint_every=2",
             f"train.init_from={base.run.output_dir}",
             "model.vision.image_size=64",
+            "tokenizer.vocab_size=400",  # ignored: the token embeddings mean base's ids
             f"run.output_dir={tuned_dir}",
         ],
     )
     train(tuned)
     assert f"parameters from {base.run.output_dir}" in (tuned_dir / "run.log").read_text()
     assert RunFolder(tuned_dir).status()["state"] == "finished"
+    base_tokenizer = RunFolder(base.run.output_dir).tokenizer.read_text()
+    assert RunFolder(tuned_dir).tokenizer.read_text() == base_tokenizer
 
     # the base run used at 64 px: its positions resampled at load time
     model = load(base.run.output_dir, image_size=64)

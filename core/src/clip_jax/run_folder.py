@@ -12,6 +12,7 @@ Reading a run folder never imports jax.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -184,7 +185,11 @@ def check_run_folder(folder: RunFolder, spec: Any, force: bool) -> None:
         return
     from clip_jax import spec as spec_lib
 
-    changed = spec_lib.diff(folder.read_spec(), spec_lib.to_dict(spec))
+    stored = folder.read_spec()
+    # Compare resolved specs: options added since the run was made take their defaults.
+    with contextlib.suppress(spec_lib.SpecError):
+        stored = spec_lib.to_dict(spec_lib.validate(stored))
+    changed = spec_lib.diff(stored, spec_lib.to_dict(spec))
     if changed:
         raise RunFolderConflict(
             f"{folder.path} holds a run made from another spec (differs in: "

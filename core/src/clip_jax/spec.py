@@ -181,7 +181,7 @@ def validate(raw: Mapping[str, Any], registry: Registry | None = None) -> RunSpe
     """Validate a raw spec dict; raise SpecError listing every problem found."""
     registry = registry or get_registry()
     problems: list[tuple[str, str]] = []
-    raw = dict(raw)
+    raw = migrate(dict(raw))
     fields: dict[str, Any] = {}
     for section, (selector, kind, default) in COMPONENT_SECTIONS.items():
         # Until a section's component is known it is a plain table, so that the rest of
@@ -290,6 +290,20 @@ def to_toml(spec: RunSpec) -> str:
     import tomlkit
 
     return tomlkit.dumps(to_dict(spec))
+
+
+def migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    """Keys of older specs moved to where they live now, so old run folders stay usable."""
+    model = raw.get("model")
+    if isinstance(model, Mapping) and "projection_bias" in model:  # before per-tower heads
+        model = dict(model)
+        bias = model.pop("projection_bias")
+        for tower in ("vision", "text"):
+            table = model.get(tower, {})
+            if isinstance(table, Mapping):
+                model[tower] = {"projection_bias": bias, **table}
+        raw["model"] = model
+    return raw
 
 
 def diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:

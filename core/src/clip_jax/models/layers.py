@@ -204,7 +204,9 @@ class MapHead(nn.Module):
         )
         probe_Bx1xD = jnp.broadcast_to(probe_1x1xD.astype(self.cfg.dtype), (batch, 1, width))
         mask = None if valid_BxN is None else valid_BxN[:, None, None, :]
-        x_Bx1xD = Attention(self.cfg, name="attn")(probe_Bx1xD, mask, x_BxNxD)
+        # The probe has no position: no rotary here, whatever the tower's blocks use.
+        cross = dataclasses.replace(self.cfg, rotary=False)
+        x_Bx1xD = Attention(cross, name="attn")(probe_Bx1xD, mask, x_BxNxD)
         y_Bx1xD = make_norm(self.cfg, "ln")(x_Bx1xD)
         x_Bx1xD = x_Bx1xD + Mlp(self.cfg, name="mlp")(y_Bx1xD)
         return x_Bx1xD[:, 0]

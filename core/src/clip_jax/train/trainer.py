@@ -60,13 +60,20 @@ def run_evaluation(
 
 
 def load_tokenizer(comps: Components, folder: RunFolder, train_files: Sequence[str]):
+    """This run's tokenizer; at a fresh start, the one of the run it starts from
+    (``train.init_from``: its token embeddings mean those ids), else one trained here."""
     saved = folder.tokenizer if folder.tokenizer.exists() else None
+    init_from = comps.spec.train.init_from
+    if saved is None and init_from:
+        saved = RunFolder(init_from).tokenizer
+        if not saved.exists():
+            raise UserError(f"train.init_from: {init_from} has no tokenizer.json")
     limit = getattr(comps.spec.tokenizer, "train_captions", 100_000)
     captions = (
         () if saved else pipeline.read_captions(train_files, comps.data.keys.caption_key, limit)
     )
     tokenizer = comps.tokenizer(saved=saved, captions=captions)
-    if saved is None and folder.writable:
+    if not folder.tokenizer.exists() and folder.writable:
         tokenizer.save(folder.tokenizer)
     vocab = comps.spec.model.text.vocab_size
     if tokenizer.vocab_size > vocab:
@@ -96,11 +103,13 @@ def train(spec: RunSpec, force: bool = False, stream: TextIO | None = None) -> d
         raise
 
 
-def _warm_start(state, spec: RunSpec, tx, abstract, shardings):
+def _warm_start(state, spec: RunSpec, tx, abstract, shardings, layout):
     """A fresh state whose parameters (and so optimizer moments' shapes) come from init_from."""
     from clip_jax.train.warm_start import warm_params
 
-    params = warm_params(spec.train.init_from, spec, abstract["params"], shardings["params"])
+    params = warm_params(
+        spec.train.init_from, spec, abstract["params"], shardings["params"], layout
+    )
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     return {"step": state["step"], "params": params, "opt_state": opt_state}
 
@@ -136,7 +145,7 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
         if latest is None:
             state, _ = create_state(model, tx, layout, spec, spec.run.seed)
             if spec.train.init_from:
-                state = _warm_start(state, spec, tx, abstract, shardings)
+                state = _warm_start(state, spec, tx, abstract, shardings, layout)
                 progress.message(f"parameters from {spec.train.init_from}")
             data_state = {"positions": [0] * source.keys.readers, "skipped": 0}
         else:

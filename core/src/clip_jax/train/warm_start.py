@@ -70,8 +70,15 @@ def _name(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def params_of_run(run_dir: str | Path, step: int | None = None) -> tuple[Any, Any, int]:
-    """(host parameters, spec, step) of a run folder's latest (or given) checkpoint."""
+def params_of_run(
+    run_dir: str | Path, step: int | None = None, layout: Any = None
+) -> tuple[Any, Any, int]:
+    """(host parameters, spec, step) of a run folder's latest (or given) checkpoint.
+
+    The checkpoint is read onto ``layout`` (the reading run's mesh; by default all local
+    devices, data parallel), never onto the mesh it was saved from: a model pre-trained
+    on a pod is fine-tuned or used on whatever is here.
+    """
     from clip_jax import spec as spec_lib
     from clip_jax.components import components
     from clip_jax.run_folder import RunFolder
@@ -89,7 +96,12 @@ def params_of_run(run_dir: str | Path, step: int | None = None) -> tuple[Any, An
         if step is None:
             raise UserError(f"{run_dir} has no checkpoint yet")
         tx, _ = comps.optimizer()
-        _, abstract, _ = state_shardings(comps.model, tx, comps.layout, spec)
+        if layout is None:
+            from clip_jax.schemas import DataParallelOptions
+            from clip_jax.sharding import data_parallel
+
+            layout = data_parallel(DataParallelOptions())
+        _, abstract, _ = state_shardings(comps.model, tx, layout, spec)
         params = checkpoints.restore_params(step, abstract)
     finally:
         checkpoints.close()
@@ -98,9 +110,9 @@ def params_of_run(run_dir: str | Path, step: int | None = None) -> tuple[Any, An
     return jax.tree.map(np.asarray, to_host(params)), spec, step
 
 
-def warm_params(init_from: str, spec, abstract_params: Any, shardings: Any) -> Any:
+def warm_params(init_from: str, spec, abstract_params: Any, shardings: Any, layout: Any) -> Any:
     """Another run's parameters, fitted to ``spec``'s model and placed on its shardings."""
-    source, _, _ = params_of_run(init_from)
+    source, _, _ = params_of_run(init_from, layout=layout)
     fitted = fit_params(source, abstract_params, class_token_rows(spec))
     return jax.tree.map(
         lambda value, sharding: jax.make_array_from_callback(

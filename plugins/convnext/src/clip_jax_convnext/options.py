@@ -58,6 +58,11 @@ class ConvNextClipOptions(Options):
                 f"vision.projection = 'none' needs vision.dims[-1] ({self.vision.dims[-1]}) "
                 f"== embed_dim ({self.embed_dim})"
             )
+        if self.text.projection == "none" and self.text.width != self.embed_dim:
+            raise ValueError(
+                f"text.projection = 'none' needs text.width ({self.text.width}) "
+                f"== embed_dim ({self.embed_dim})"
+            )
         return self
 
 
