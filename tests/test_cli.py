@@ -296,3 +296,20 @@ def test_data_synth_refuses_foreign_folder(runner, tmp_path):
     assert "not written by" in result.stderr
     assert not isinstance(result.exception, FileExistsError)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
+
+
+def test_a_stop_swallowed_in_a_finaliser_prints_no_traceback():
+    # SIGTERM during imports raises KeyboardInterrupt; landing in a gc callback, Python
+    # "ignores" it with a traceback. The stop is remembered, so that report is noise;
+    # other swallowed errors are still reported.
+    code = (
+        "from clipctl.cli import _interrupt_on_sigterm\n"
+        "_interrupt_on_sigterm()\n"
+        "class Stop:\n    def __del__(self): raise KeyboardInterrupt\n"
+        "class Broken:\n    def __del__(self): raise ValueError('still reported')\n"
+        "Stop(); Broken()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "KeyboardInterrupt" not in result.stderr
+    assert "ValueError: still reported" in result.stderr

@@ -148,6 +148,15 @@ def _interrupt_on_sigterm():
         request_stop()  # remembered, in case this exception is swallowed where it lands
         raise KeyboardInterrupt
 
+    default_hook = sys.unraisablehook
+
+    def quiet_when_swallowed(unraisable) -> None:
+        # Landing in a gc callback (jax's), the exception is "ignored" with a printed
+        # traceback; the request is remembered and honoured, so the traceback is noise.
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            default_hook(unraisable)
+
+    sys.unraisablehook = quiet_when_swallowed
     return signal.signal(signal.SIGTERM, interrupt)
 
 

@@ -103,15 +103,16 @@ def train(spec: RunSpec, force: bool = False, stream: TextIO | None = None) -> d
         raise
 
 
-def _warm_start(state, spec: RunSpec, tx, abstract, shardings, layout):
-    """A fresh state whose parameters (and so optimizer moments' shapes) come from init_from."""
+def _warm_start(spec: RunSpec, tx, abstract, shardings, layout):
+    """A step-0 state whose parameters come from ``train.init_from``, with fresh moments."""
     from clip_jax.train.warm_start import warm_params
 
     params = warm_params(
         spec.train.init_from, spec, abstract["params"], shardings["params"], layout
     )
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-    return {"step": state["step"], "params": params, "opt_state": opt_state}
+    step = jax.make_array_from_callback((), shardings["step"], lambda _: np.zeros((), np.int32))
+    return {"step": step, "params": params, "opt_state": opt_state}
 
 
 def _last_step(folder: RunFolder) -> int:
@@ -143,10 +144,11 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
         )
         latest = checkpoints.latest_step()
         if latest is None:
-            state, _ = create_state(model, tx, layout, spec, spec.run.seed)
-            if spec.train.init_from:
-                state = _warm_start(state, spec, tx, abstract, shardings, layout)
+            if spec.train.init_from:  # no random init first: one state in memory, not two
+                state = _warm_start(spec, tx, abstract, shardings, layout)
                 progress.message(f"parameters from {spec.train.init_from}")
+            else:
+                state, _ = create_state(model, tx, layout, spec, spec.run.seed)
             data_state = {"positions": [0] * source.keys.readers, "skipped": 0}
         else:
             state, data_state = checkpoints.restore(latest, abstract)
