@@ -36,8 +36,8 @@ def measure(strategy: str, overrides: list[str], steps: int = 10) -> tuple[float
     spec = load_spec(TEMPLATE, [f"sharding.strategy={strategy}", *STRATEGIES[strategy], *overrides])
     comps = components(spec)
     tx, schedule = comps.optimizer()
-    _, _, shardings = state_shardings(comps.model, tx, comps.layout, spec)
-    state, _ = create_state(comps.model, tx, comps.layout, spec, seed=0)
+    init, _, shardings = state_shardings(comps.model, tx, comps.layout, spec)
+    state = create_state(init, shardings, seed=0)
     device0 = jax.devices()[0]
     param_bytes = sum(
         shard.data.nbytes

@@ -45,8 +45,8 @@ def pipeline_rate(comps, batches: int = 40) -> float:
 def step_rate(comps, steps: int = 20) -> tuple[float, float]:
     spec = comps.spec
     tx, schedule = comps.optimizer()
-    _, _, shardings = state_shardings(comps.model, tx, comps.layout, spec)
-    state, _ = create_state(comps.model, tx, comps.layout, spec, 0)
+    init, _, shardings = state_shardings(comps.model, tx, comps.layout, spec)
+    state = create_state(init, shardings, seed=0)
     step = make_train_step(comps.model, comps.loss.fn, tx, schedule, shardings, comps.layout)
     v, t, batch = spec.model.vision, spec.model.text, spec.train.batch_size
     rng = np.random.default_rng(0)

@@ -9,12 +9,12 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import pytest
 
 from clip_jax.plugins import get_registry
 from clip_jax.presets import OPEN_CLIP_COUNTS
 from clip_jax.spec import validate
+from clip_jax.train.state import param_shapes
 
 OPEN_CLIP_SPLIT = {  # (visual incl. projection, text incl. projection)
     "ViT-B-32": (87_849_216, 63_428_096),
@@ -39,10 +39,7 @@ def test_preset_matches_open_clip(preset):
     model = registry.get("architecture", "clip").factory(
         spec.model, loss_component.init_temperature, loss_component.init_bias
     )
-    v, t = spec.model.vision, spec.model.text
-    images = jax.ShapeDtypeStruct((1, v.image_size, v.image_size, 3), jnp.float32)
-    tokens = jax.ShapeDtypeStruct((1, t.context_length), jnp.int32)
-    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"])
+    params = nn.unbox(param_shapes(model, spec))
     visual, text = OPEN_CLIP_SPLIT[name]
     assert count(params) == total
     assert count(params["vision"]) + count(params.get("vision_proj", {})) == visual

@@ -75,9 +75,9 @@ def loss_and_grads(spec, comps, params=None):
 
     tx, _ = comps.optimizer()
     layout = comps.layout
-    _, _, shardings = state_shardings(comps.model, tx, layout, spec)
+    init, _, shardings = state_shardings(comps.model, tx, layout, spec)
     if params is None:
-        params = create_state(comps.model, tx, layout, spec, seed=0)[0]["params"]
+        params = create_state(init, shardings, seed=0)["params"]
     else:
         params = jax.device_put(params, shardings["params"])
     images, tokens = batch(spec)
@@ -128,7 +128,8 @@ def spec_of(array) -> PartitionSpec:
 def test_state_is_created_sharded_as_the_strategy_says(strategy):
     spec, comps = build(strategy, STRATEGIES[strategy])
     tx, _ = comps.optimizer()
-    state, _ = create_state(comps.model, tx, comps.layout, spec, seed=0)
+    init, _, shardings = state_shardings(comps.model, tx, comps.layout, spec)
+    state = create_state(init, shardings, seed=0)
     query = state["params"]["vision"]["encoder"]["block_0"]["attn"]["query"]["kernel"]
     fc1 = state["params"]["vision"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
     embed_axis = "fsdp" if "fsdp" in strategy else None
@@ -161,14 +162,14 @@ def test_a_split_that_does_not_divide_is_a_clear_error():
     with pytest.raises(
         UserError, match=r"'heads' axis \(4\) cannot be split over sharding.mesh.model"
     ):
-        create_state(comps.model, tx, comps.layout, spec, seed=0)
+        state_shardings(comps.model, tx, comps.layout, spec)
 
 
 def test_checkpoint_saved_under_one_mesh_restores_under_another(tmp_path):
     spec, dp4 = build("dp", ["sharding.mesh.data=4"], devices=jax.devices()[:4])
     tx, schedule = dp4.optimizer()
-    _, _, dp_shardings = state_shardings(dp4.model, tx, dp4.layout, spec)
-    state, _ = create_state(dp4.model, tx, dp4.layout, spec, seed=0)
+    init, _, dp_shardings = state_shardings(dp4.model, tx, dp4.layout, spec)
+    state = create_state(init, dp_shardings, seed=0)
     images, tokens = batch(spec)
     step = make_train_step(dp4.model, dp4.loss.fn, tx, schedule, dp_shardings, dp4.layout)
     trained, _ = step(

@@ -79,7 +79,9 @@ def load(run_dir: str | Path, step: int | None = None, image_size: int | None = 
 
 def _resized(params: Any, trained: spec_lib.RunSpec, image_size: int) -> tuple[Any, Components]:
     """The parameters fitted to the same model at another image size."""
-    from clip_jax.train.state import state_shardings
+    import flax.linen as nn
+
+    from clip_jax.train.state import param_shapes
     from clip_jax.train.warm_start import class_token_rows, fit_params
 
     raw = trained.model_dump(mode="json", exclude_none=True)
@@ -87,9 +89,8 @@ def _resized(params: Any, trained: spec_lib.RunSpec, image_size: int) -> tuple[A
         spec_lib.apply_overrides(raw, [f"model.vision.image_size={image_size}"])
     )
     comps = components(spec)
-    tx, _ = comps.optimizer()
-    _, abstract, _ = state_shardings(comps.model, tx, comps.layout, spec)
-    return fit_params(params, abstract["params"], class_token_rows(spec)), comps
+    shapes = nn.unbox(param_shapes(comps.model, spec))  # no mesh: the run's may not fit here
+    return fit_params(params, shapes, class_token_rows(spec)), comps
 
 
 def evaluate_run(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from clip_jax.components import components
 from clip_jax.errors import UserError
 from clip_jax.sharding import AXES, resolve_mesh_shape
 from clip_jax.spec import RunSpec
+from clip_jax.train.state import param_shapes
 
 FLOPS_BATCH = 2  # the cost of one pair is measured on a small batch and divided
 
@@ -54,8 +55,7 @@ def model_info(spec: RunSpec, devices: int | None = None) -> dict[str, Any]:
     v, t = spec.model.vision, spec.model.text
     images = jax.ShapeDtypeStruct((FLOPS_BATCH, v.image_size, v.image_size, 3), jnp.float32)
     tokens = jax.ShapeDtypeStruct((FLOPS_BATCH, t.context_length), jnp.int32)
-    boxed = jax.eval_shape(lambda i, t: model.init(jax.random.key(0), i, t), images, tokens)
-    boxed = boxed["params"]
+    boxed = param_shapes(model, spec)
     params = nn.unbox(boxed)
 
     def loss_of(params, images, tokens):

@@ -31,6 +31,17 @@ def dummy_inputs(spec) -> tuple[jax.Array, jax.Array]:
     )
 
 
+def param_shapes(model: nn.Module, spec) -> Any:
+    """The model's parameters as boxed shapes and dtypes: nothing allocated, no mesh."""
+    images, tokens = dummy_inputs(spec)
+    return jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"]
+
+
+def param_name(path) -> str:
+    """``vision/encoder/block_0/...`` from a pytree key path, for messages."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
 def state_shardings(model: nn.Module, tx, layout: Layout, spec) -> tuple[Callable, Any, Any]:
     """(init function, abstract unboxed state, shardings) for this model and layout."""
     images, tokens = dummy_inputs(spec)
@@ -72,19 +83,16 @@ def check_divisible(boxed_params: Any, layout: Layout) -> None:
             axes = mesh_axis if isinstance(mesh_axis, tuple) else (mesh_axis,)
             devices = int(np.prod([layout.mesh.shape[a] for a in axes]))
             if size % devices:
-                where = "/".join(str(getattr(k, "key", k)) for k in path)
                 raise UserError(
-                    f"parameter {where}: its {name!r} axis ({size}) cannot be split over "
+                    f"parameter {param_name(path)}: its {name!r} axis ({size}) cannot be split over "
                     f"sharding.mesh.{'/'.join(axes)} ({devices} devices); change the model "
                     "size or the mesh"
                 )
 
 
-def create_state(model: nn.Module, tx, layout: Layout, spec, seed: int) -> tuple[State, Any]:
-    """A freshly initialised, sharded state, and its abstract twin (for restoring)."""
-    init, abstract, shardings = state_shardings(model, tx, layout, spec)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
-    return state, abstract
+def create_state(init: Callable, shardings: Any, seed: int) -> State:
+    """A freshly initialised state, materialised in place on ``state_shardings``'s layout."""
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
 def make_train_step(

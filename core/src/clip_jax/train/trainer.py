@@ -138,7 +138,7 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
         tokenizer = load_tokenizer(comps, folder, source.train_files)
         tx, schedule = comps.optimizer()
         model = comps.model
-        _, abstract, shardings = state_shardings(model, tx, layout, spec)
+        init, abstract, shardings = state_shardings(model, tx, layout, spec)
         checkpoints = Checkpoints(
             folder.checkpoints, spec.train.keep_checkpoints, spec.train.checkpoint_every
         )
@@ -148,7 +148,7 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
                 state = _warm_start(spec, tx, abstract, shardings, layout)
                 progress.message(f"parameters from {spec.train.init_from}")
             else:
-                state, _ = create_state(model, tx, layout, spec, spec.run.seed)
+                state = create_state(init, shardings, spec.run.seed)
             data_state = {"positions": [0] * source.keys.readers, "skipped": 0}
         else:
             state, data_state = checkpoints.restore(latest, abstract)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax.errors import UserError
+from clip_jax.train.state import param_name, state_shardings
 
 
 def resample_positions(pos_NxD: np.ndarray, new_tokens: int, prefix: int) -> np.ndarray:
@@ -48,13 +49,13 @@ def fit_params(source: Any, target: Any, prefix: int) -> Any:
     """``source`` parameters with ``target``'s tree and shapes (``target`` may be abstract)."""
     flat_source = dict(jax.tree_util.tree_leaves_with_path(source))
     flat_target = jax.tree_util.tree_leaves_with_path(target)
-    missing = [_name(p) for p, _ in flat_target if p not in flat_source]
+    missing = [param_name(p) for p, _ in flat_target if p not in flat_source]
     if missing:
         raise UserError(f"the checkpoint has no {', '.join(missing[:5])}: different models")
     fitted = []
     for path, want in flat_target:
         have = flat_source[path]
-        name = _name(path)
+        name = param_name(path)
         if have.shape != want.shape:
             if name != "vision/pos_embed":
                 raise UserError(
@@ -64,10 +65,6 @@ def fit_params(source: Any, target: Any, prefix: int) -> Any:
             have = resample_positions(np.asarray(have), want.shape[0], prefix)
         fitted.append(np.asarray(have, want.dtype))
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), fitted)
-
-
-def _name(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def params_of_run(
@@ -83,7 +80,6 @@ def params_of_run(
     from clip_jax.components import components
     from clip_jax.run_folder import RunFolder
     from clip_jax.train.checkpoint import Checkpoints
-    from clip_jax.train.state import state_shardings
 
     folder = RunFolder(run_dir)
     if not folder.exists():
