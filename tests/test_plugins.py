@@ -23,7 +23,7 @@ BUILTINS = {
     "loss": {"softmax", "sigmoid", "chunked_sigmoid"},
     "sharding": {"dp", "fsdp", "tp", "fsdp_tp"},
     "data_source": {"tfrecord", "synthetic"},
-    "tokenizer": {"bpe"},
+    "tokenizer": {"bpe", "sentencepiece"},
     "optimizer": {"adamw"},
 }
 

@@ -295,6 +295,7 @@ def test_to_dict_orders_sections_and_drops_none():
         "optimizer",
         "train",
         "data",
+        "preprocess",
         "tokenizer",
         "sharding",
         "eval",

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from clip_jax.data.synthetic import make_example
 from clip_jax.data.tokenizer import BOS, EOS, PAD, TextTokenizer, bpe_tokenizer, train_bpe
+from clip_jax.errors import UserError
 from clip_jax.schemas import BpeTokenizerOptions
 
 CONTEXT = 16
@@ -147,11 +148,21 @@ def test_factory_trains_then_loads_saved(tmp_path, captions):
 
 def test_factory_missing_path_is_an_error(tmp_path):
     options = BpeTokenizerOptions(path=str(tmp_path / "missing.json"))
-    with pytest.raises(FileNotFoundError, match="missing.json"):
+    with pytest.raises(UserError, match=r"tokenizer.path: .*missing.json"):
         bpe_tokenizer(options, CONTEXT, captions=["a red circle"])
 
 
-def test_pad_must_be_id_zero():
-    wrong = Tokenizer(models.WordLevel({"<unk>": 0, PAD: 1}, unk_token="<unk>"))
-    with pytest.raises(ValueError, match="id 0"):
-        TextTokenizer(wrong, CONTEXT)
+def test_factory_unreadable_file_is_an_error(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("not json")
+    with pytest.raises(UserError, match="is not a tokenizer.json"):
+        bpe_tokenizer(BpeTokenizerOptions(path=str(bad)), CONTEXT)
+
+
+def test_pads_with_the_given_id():
+    """A loaded tokenizer pads with the tower's pad id, whatever its own padding token."""
+    vocab = {"<unk>": 0, PAD: 1, "a": 2, "b": 3}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    np.testing.assert_array_equal(TextTokenizer(words, 4, pad_id=1)(["a b"])[0], [2, 3, 1, 1])
+    np.testing.assert_array_equal(TextTokenizer(words, 4, pad_id=0)(["b"])[0], [3, 0, 0, 0])

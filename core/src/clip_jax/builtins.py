@@ -17,6 +17,7 @@ def register_architectures(register):
         options=schemas.ClipOptions,
         description="CLIP: ViT image tower + causal transformer text tower, linear projections",
         presets=CLIP_PRESETS,
+        formats={"hf": "clip_jax.models.hf_format:HF_FORMAT"},
     )
 
 
@@ -76,6 +77,12 @@ def register_tokenizers(register):
         lazy("clip_jax.data.tokenizer:bpe_tokenizer"),
         options=schemas.BpeTokenizerOptions,
         description="byte-level BPE (Hugging Face tokenizers): load tokenizer.json or train one",
+    )
+    register(
+        "sentencepiece",
+        lazy("clip_jax.data.sentencepiece_tokenizer:sentencepiece_tokenizer"),
+        options=schemas.SentencePieceTokenizerOptions,
+        description="SentencePiece .model (e.g. SigLIP's spiece.model), tokenizing as SigLIP",
     )
 
 

@@ -41,8 +41,16 @@ class Components:
         return _build(self.spec, "data", self.registry)
 
     def optimizer(self):
-        """(optax transformation, learning-rate schedule)."""
-        return _build(self.spec, "optimizer", self.registry, self.spec.train.steps)
+        """(optax transformation, learning-rate schedule): the optimizer component's, with
+        ``train.freeze``, ``train.lr_scale`` and ``train.layer_decay`` applied."""
+        from clip_jax.train import param_groups
+
+        tx, schedule = _build(self.spec, "optimizer", self.registry, self.spec.train.steps)
+
+        def order():  # layer decay's: the model is traced only when it is on
+            return param_groups.forward_order(self.model, self.spec)
+
+        return param_groups.wrap(tx, self.spec.train, order), schedule
 
     def tokenizer(self, saved: str | Path | None = None, captions=()):
         context_length = self.spec.model.text.context_length

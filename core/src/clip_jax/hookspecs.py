@@ -31,6 +31,10 @@ def register_architectures(register):
     ``encode_texts``); ``clip_jax.models.clip.two_tower`` builds one from any two towers.
     The options must have ``vision.image_size``, ``text.context_length`` and
     ``text.vocab_size``: the data pipeline and the tokenizer read them.
+
+    ``formats={"hf": "module:attr"}`` names converters of published checkpoints, each a
+    ``clip_jax.pretrained.WeightFormat``: the architecture owns its parameter names, so
+    importing (``train.init_from = "hf:PATH"``) and exporting go through it.
     """
 
 

@@ -61,13 +61,17 @@ class LoadedClip:
         return probs / probs.sum(axis=1, keepdims=True)
 
 
-def load(run_dir: str | Path, step: int | None = None, image_size: int | None = None) -> LoadedClip:
-    """Load the latest (or a given) checkpoint of a run folder.
+def load(ref: str | Path, step: int | None = None, image_size: int | None = None) -> LoadedClip:
+    """Load a run folder's latest (or given) checkpoint, or published weights (``hf:PATH``).
 
     ``image_size`` other than the trained one resamples the position embeddings.
     """
+    from clip_jax.pretrained import parse_ref
     from clip_jax.train.warm_start import params_of_run
 
+    if parse_ref(ref):
+        return _load_pretrained(str(ref), image_size)
+    run_dir = ref
     params, trained, step = params_of_run(run_dir, step)
     if image_size is None or image_size == trained.model.vision.image_size:
         comps = components(trained)
@@ -75,6 +79,25 @@ def load(run_dir: str | Path, step: int | None = None, image_size: int | None = 
         params, comps = _resized(params, trained, image_size)
     tokenizer = comps.tokenizer(saved=RunFolder(run_dir).tokenizer)
     return LoadedClip(comps, params, tokenizer, step)
+
+
+def _load_pretrained(ref: str, image_size: int | None) -> LoadedClip:
+    """A published checkpoint, with the model, tokenizer and preprocessing its files describe."""
+    import flax.linen as nn
+
+    from clip_jax import pretrained
+    from clip_jax.train.state import param_shapes
+    from clip_jax.train.warm_start import class_token_rows, fit_params
+
+    raw: dict[str, Any] = {"train": {"init_from": ref}}
+    if image_size is not None:
+        raw["model"] = {"vision": {"image_size": image_size}}
+    spec = spec_lib.validate(raw)
+    comps = components(spec)
+    source, names = pretrained.read_params(ref, spec)
+    shapes = nn.unbox(param_shapes(comps.model, spec))
+    params = fit_params(source, shapes, class_token_rows(spec), names)
+    return LoadedClip(comps, params, comps.tokenizer(), step=0)
 
 
 def _resized(params: Any, trained: spec_lib.RunSpec, image_size: int) -> tuple[Any, Components]:

@@ -52,6 +52,17 @@ class Component:
     description: str
     plugin: str
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Architectures only: external weight format name -> "module:attr" of the object
+    # that converts that format's checkpoints to and from this architecture's parameters.
+    formats: dict[str, str] = field(default_factory=dict)
+
+    def weight_format(self, name: str) -> Any:
+        """The converter for format ``name`` (imported now), or None."""
+        target = self.formats.get(name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        return getattr(importlib.import_module(module_name), attr)
 
 
 @dataclass(frozen=True)
@@ -224,13 +235,15 @@ def _make_register(kind, info: PluginInfo, components, templates) -> Callable[..
         options: type | None = None,
         description: str = "",
         presets: dict[str, dict[str, Any]] | None = None,
+        formats: dict[str, str] | None = None,
     ) -> None:
         existing = components[kind].get(name)
         if existing is not None:
             info.errors.append(f"{kind} {name!r} already registered by {existing.plugin}; ignored")
             return
         components[kind][name] = Component(
-            kind, name, factory, options, description, info.name, dict(presets or {})
+            kind, name, factory, options, description, info.name, dict(presets or {}),
+            dict(formats or {}),
         )
         info.registers.setdefault(kind, []).append(name)
 

@@ -188,7 +188,7 @@ def check_run_folder(folder: RunFolder, spec: Any, force: bool) -> None:
     stored = folder.read_spec()
     # Compare resolved specs: options added since the run was made take their defaults.
     with contextlib.suppress(spec_lib.SpecError):
-        stored = spec_lib.to_dict(spec_lib.validate(stored))
+        stored = spec_lib.to_dict(spec_lib.validate(stored, pretrained=False))
     changed = spec_lib.diff(stored, spec_lib.to_dict(spec))
     if changed:
         raise RunFolderConflict(

@@ -81,6 +81,12 @@ class TextOptions(TowerOptions):
     pool: Literal["eos", "last", "first", "mean", "map"] = Field(
         "eos", description="eos: the end-of-text token; last: the final position (SigLIP)"
     )
+    pad_id: int | None = Field(
+        0,
+        ge=0,
+        description="padding token: masked from bidirectional attention, skipped by eos "
+        "and mean pooling; none: padding is read like any token (SigLIP)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TextOptions:
@@ -89,6 +95,10 @@ class TextOptions(TowerOptions):
             raise ValueError(
                 f"positions = 'rotary' needs an even head size (width / heads = "
                 f"{self.width // self.heads})"
+            )
+        if self.pad_id is None and self.pool in ("eos", "mean"):
+            raise ValueError(
+                f"pool = '{self.pool}' needs pad_id: it finds the text's end by its padding"
             )
         if self.causal and self.pool == "first":
             raise ValueError(
@@ -181,12 +191,55 @@ class SyntheticDataOptions(RecordKeys):
     label_key: str | None = "label"
 
 
+# --------------------------------------------------------------------- preprocess
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class PreprocessOptions(Options):
+    """How pixels reach the model, wherever it is used (training, eval, load, export).
+
+    A model trained or published with one normalisation must be fed that one, so it is
+    part of the run spec and travels with the run folder and exported models.
+    """
+
+    mean: tuple[float, float, float] = Field(CLIP_MEAN, description="per-channel, on 0..1")
+    std: tuple[float, float, float] = Field(CLIP_STD, description="per-channel, on 0..1")
+    resize: Literal["crop", "squash"] = Field(
+        "crop",
+        description="crop: shorter side to size, centre crop (CLIP); squash: to size x size (SigLIP)",
+    )
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+
+    @model_validator(mode="after")
+    def _check(self) -> PreprocessOptions:
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be positive (got {list(self.std)})")
+        return self
+
+
 # ----------------------------------------------------------------------- tokenizer
 class BpeTokenizerOptions(Options):
     path: str | None = Field(None, description="tokenizer.json to load; else trained")
+    pad_id: int = Field(0, ge=0, description="id that pads every text to the context length")
     vocab_size: int = Field(1024, ge=259, description="at least the 256 bytes + 3 special tokens")
     lowercase: bool = True
     train_captions: int = Field(100_000, ge=1, description="captions used to train it")
+
+
+class SentencePieceTokenizerOptions(Options):
+    """A SentencePiece model (e.g. a SigLIP folder's spiece.model), tokenizing as
+    ``transformers.SiglipTokenizer`` does: text canonicalised, end-of-sequence appended."""
+
+    path: str = Field(description="SentencePiece .model file to load")
+    lowercase: bool = Field(True, description="lowercase the text (SiglipTokenizer: yes)")
+    canonicalize: bool = Field(
+        True, description="drop ASCII punctuation and collapse whitespace (SiglipTokenizer: yes)"
+    )
+    pad_id: int | None = Field(
+        None, ge=0, description="padding id; default the end-of-sequence id, as SigLIP pads"
+    )
+    add_eos: bool = Field(True, description="end every sequence with the end-of-sequence id")
 
 
 # ------------------------------------------------------------------------ sharding

@@ -10,19 +10,27 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import tomllib
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from clip_jax.errors import UserError
 from clip_jax.plugins import Registry, UnknownComponentError, get_registry
-from clip_jax.schemas import Options
+from clip_jax.schemas import Options, PreprocessOptions
 
 
 class RunOptions(Options):
@@ -39,9 +47,41 @@ class TrainOptions(Options):
     keep_checkpoints: int = Field(3, ge=1)
     init_from: str | None = Field(
         None,
-        description="a run folder whose latest parameters start this run (fine-tuning); "
-        "position embeddings are resampled to a new image size",
+        description="a run folder whose latest parameters start this run (fine-tuning), or "
+        "published weights: hf:PATH (a transformers CLIPModel/SiglipModel folder, whose "
+        "config gives the model's defaults); position embeddings are resampled to a new "
+        "image size",
     )
+    freeze: list[str] = Field(
+        [],
+        description="regexes, each matched whole against parameter paths such as "
+        "vision/encoder/block_0/attn/query/kernel: matching parameters are not trained, "
+        'get no optimizer state and stay bit-identical (e.g. ["vision/.*"]); a pattern '
+        "that matches no parameter is an error",
+    )
+    lr_scale: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        {},
+        description="learning-rate multipliers by parameter-path regex, e.g. "
+        '[train.lr_scale] "text/.*" = 0.1; the first pattern (in the order written) '
+        "matching a path applies; multiplied with layer_decay",
+    )
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="layer-wise learning-rate decay (BEiT): block i of a tower of depth L "
+        "gets decay^(L-i), what comes before the blocks decay^(L+1), the rest 1",
+    )
+
+    @field_validator("freeze", "lr_scale")
+    @classmethod
+    def _check_patterns(cls, patterns):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return patterns
 
 
 class EvalOptions(Options):
@@ -83,6 +123,7 @@ FIXED_SECTIONS: dict[str, type[Options]] = {
     "train": TrainOptions,
     "eval": EvalOptions,
     "distributed": DistributedOptions,
+    "preprocess": PreprocessOptions,
 }
 
 # section -> (selector key, registry kind, default component)
@@ -102,6 +143,7 @@ SECTION_ORDER = [
     "optimizer",
     "train",
     "data",
+    "preprocess",
     "tokenizer",
     "sharding",
     "eval",
@@ -177,11 +219,26 @@ def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, An
     return merged
 
 
-def validate(raw: Mapping[str, Any], registry: Registry | None = None) -> RunSpec:
-    """Validate a raw spec dict; raise SpecError listing every problem found."""
+def validate(
+    raw: Mapping[str, Any], registry: Registry | None = None, pretrained: bool = True
+) -> RunSpec:
+    """Validate a raw spec dict; raise SpecError listing every problem found.
+
+    With ``pretrained``, a ``train.init_from = "hf:PATH"`` checkpoint's own config gives
+    the defaults of the model, loss, tokenizer and preprocess tables (like a preset). A
+    spec read back from a run folder is already resolved: pass False so that reading it
+    never needs the checkpoint it started from.
+    """
+    from clip_jax import pretrained as pretrained_lib
+
     registry = registry or get_registry()
     problems: list[tuple[str, str]] = []
     raw = migrate(dict(raw))
+    if pretrained:
+        try:
+            raw = pretrained_lib.with_defaults(raw, registry)
+        except UserError as exc:
+            problems.append(("train.init_from", str(exc)))
     fields: dict[str, Any] = {}
     for section, (selector, kind, default) in COMPONENT_SECTIONS.items():
         # Until a section's component is known it is a plain table, so that the rest of

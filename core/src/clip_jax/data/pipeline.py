@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from clip_jax.data.tf_setup import import_tf
+from clip_jax.schemas import CLIP_MEAN, CLIP_STD, PreprocessOptions
 
-# CLIP's normalisation constants, so exported models preprocess like OpenAI's.
-MEAN_RGB = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-STD_RGB = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+# CLIP's normalisation constants, the default of every run's [preprocess].
+MEAN_RGB = np.array(CLIP_MEAN, dtype=np.float32)
+STD_RGB = np.array(CLIP_STD, dtype=np.float32)
 
 
 @dataclass
@@ -43,15 +44,21 @@ def expand_files(patterns: str | Sequence[str]) -> list[str]:
     return sorted(set(files))
 
 
-def _preprocess(tf, image_bytes, image_size: int):
+def _preprocess(tf, image_bytes, image_size: int, pre: PreprocessOptions):
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     image = tf.image.convert_image_dtype(image, tf.float32)
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = image_size / tf.reduce_min(shape)
-    resized = tf.cast(tf.math.ceil(shape * scale), tf.int32)
-    image = tf.image.resize(image, resized, method="bicubic", antialias=True)
-    image = tf.image.resize_with_crop_or_pad(image, image_size, image_size)
-    return (tf.clip_by_value(image, 0.0, 1.0) - MEAN_RGB) / STD_RGB
+    if pre.resize == "squash":
+        image = tf.image.resize(
+            image, (image_size, image_size), method=pre.interpolation, antialias=True
+        )
+    else:
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        scale = image_size / tf.reduce_min(shape)
+        resized = tf.cast(tf.math.ceil(shape * scale), tf.int32)
+        image = tf.image.resize(image, resized, method=pre.interpolation, antialias=True)
+        image = tf.image.resize_with_crop_or_pad(image, image_size, image_size)
+    mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
+    return (tf.clip_by_value(image, 0.0, 1.0) - mean) / std
 
 
 def make_dataset(
@@ -66,9 +73,11 @@ def make_dataset(
     seed: int = 0,
     shuffle_buffer: int = 4096,
     start_position: int = 0,
+    preprocess: PreprocessOptions | None = None,
 ):
     """A tf.data pipeline yielding (position, image, caption[, label]) batches."""
     tf = import_tf()
+    preprocess = preprocess or PreprocessOptions()
     # Training interleaves its files; evaluation reads them in order (a stable order).
     parallel = min(len(files), 8) if train else None
     ds = tf.data.TFRecordDataset(list(files), num_parallel_reads=parallel)
@@ -86,7 +95,7 @@ def make_dataset(
         example = tf.io.parse_single_example(record, features)
         out = {
             "position": position,
-            "image": _preprocess(tf, example[image_key], image_size),
+            "image": _preprocess(tf, example[image_key], image_size, preprocess),
             "caption": example[caption_key],
         }
         if label_key:

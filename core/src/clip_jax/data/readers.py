@@ -16,7 +16,7 @@ import numpy as np
 
 from clip_jax.data import pipeline
 from clip_jax.errors import UserError
-from clip_jax.schemas import RecordKeys
+from clip_jax.schemas import PreprocessOptions, RecordKeys
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Readers:
         positions: Sequence[int],
         process_index: int = 0,
         process_count: int = 1,
+        preprocess: PreprocessOptions | None = None,
     ):
         count = keys.readers
         if count % process_count:
@@ -73,6 +74,7 @@ class Readers:
                 seed=seed + 7919 * reader,
                 shuffle_buffer=max(keys.shuffle_buffer // count, 1),
                 start_position=positions[reader],
+                preprocess=preprocess,
             )
             self.streams.append(pipeline.iterate(dataset, start_position=positions[reader]))
         self.skipped = [0] * len(self.streams)

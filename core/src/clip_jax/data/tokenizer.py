@@ -1,7 +1,9 @@
 """Tokenizers: Hugging Face ``tokenizers`` byte-level BPE, loaded or trained on captions.
 
-Conventions the text tower relies on: id 0 is padding, every sequence is
-``<start_of_text> ... <end_of_text>`` and is truncated so the end token survives.
+Conventions the text tower relies on: texts are padded with ``pad_id`` (0, the
+tower's ``pad_id``, unless a loaded tokenizer says otherwise), every sequence is
+``<start_of_text> ... <end_of_text>`` (the tokenizer.json's post-processor adds them) and
+is truncated so the end token survives.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tokenizers import (
     trainers,
 )
 
+from clip_jax.errors import UserError
 from clip_jax.schemas import BpeTokenizerOptions
 
 PAD, BOS, EOS = "<pad>", "<start_of_text>", "<end_of_text>"
@@ -28,13 +31,12 @@ PAD, BOS, EOS = "<pad>", "<start_of_text>", "<end_of_text>"
 class TextTokenizer:
     """Wraps a ``tokenizers.Tokenizer`` to give fixed-length int32 arrays."""
 
-    def __init__(self, tokenizer: Tokenizer, context_length: int):
-        if tokenizer.token_to_id(PAD) != 0:
-            raise ValueError(f"tokenizer must map {PAD} to id 0")
+    def __init__(self, tokenizer: Tokenizer, context_length: int, pad_id: int = 0):
         self.tokenizer = tokenizer
         self.context_length = context_length
+        pad_token = tokenizer.id_to_token(pad_id) or PAD
         tokenizer.enable_truncation(context_length)
-        tokenizer.enable_padding(pad_id=0, pad_token=PAD, length=context_length)
+        tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token, length=context_length)
 
     @property
     def vocab_size(self) -> int:
@@ -81,7 +83,12 @@ def bpe_tokenizer(
     """
     for path in (saved, options.path):
         if path and Path(path).exists():
-            return TextTokenizer(Tokenizer.from_file(str(path)), context_length)
+            try:
+                loaded = Tokenizer.from_file(str(path))
+            except Exception as exc:  # the tokenizers library raises its own types
+                raise UserError(f"tokenizer.path: {path} is not a tokenizer.json ({exc})") from None
+            return TextTokenizer(loaded, context_length, options.pad_id)
     if options.path:
-        raise FileNotFoundError(f"tokenizer.path: {options.path} does not exist")
-    return TextTokenizer(train_bpe(captions, options.vocab_size, options.lowercase), context_length)
+        raise UserError(f"tokenizer.path: {options.path} does not exist")
+    trained = train_bpe(captions, options.vocab_size, options.lowercase)
+    return TextTokenizer(trained, context_length, options.pad_id)

@@ -1,9 +1,11 @@
 """The text tower: token (+ position) embeddings, a transformer, pooled output.
 
-Padding id is 0 and every sequence ends with its end-of-text token, so "eos" pooling
-reads the last non-padding position. Bidirectional towers mask padded keys only: every
-position, padding included, reads the real tokens, which is what "last" pooling (SigLIP,
-text padded to a fixed length) relies on.
+Padding is ``options.pad_id`` (0 by default) and every sequence ends with its
+end-of-text token, so "eos" pooling reads the last non-padding position (a padding id
+inside the text, such as CLIP's "!" = 0, does not move it). Bidirectional towers mask
+padded keys only: every position, padding included, reads the real tokens, which is
+what "last" pooling (text padded to a fixed length) relies on. ``pad_id = None`` masks
+nothing, as SigLIP was trained: its padding is read like any token.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ import jax.numpy as jnp
 
 from clip_jax.models.layers import DTYPES, MapHead, block_config, make_norm, tower_encoder
 from clip_jax.schemas import TextOptions
-
-PAD_ID = 0
 
 
 class TextTower(nn.Module):
@@ -45,9 +45,14 @@ class TextTower(nn.Module):
                 (o.context_length, o.width),
             )
             x_BxLxD = x_BxLxD + pos_LxD[:length].astype(dtype)
-        valid_BxL = tokens_BxL != PAD_ID
+        if o.pad_id is None:
+            valid_BxL = jnp.ones(tokens_BxL.shape, jnp.bool_)
+        else:
+            valid_BxL = tokens_BxL != o.pad_id
         if o.causal:
             mask = nn.make_causal_mask(tokens_BxL, dtype=jnp.bool_)
+        elif o.pad_id is None:
+            mask = None
         else:
             mask = jnp.broadcast_to(
                 valid_BxL[:, None, None, :], (len(tokens_BxL), 1, length, length)
@@ -55,7 +60,7 @@ class TextTower(nn.Module):
         x_BxLxD = tower_encoder(o, cfg, deterministic=not train)(x_BxLxD, mask)
         x_BxLxD = make_norm(cfg, "ln_final")(x_BxLxD)
         if o.pool == "eos":
-            last_B = jnp.maximum(valid_BxL.sum(axis=1) - 1, 0)
+            last_B = jnp.max(jnp.where(valid_BxL, jnp.arange(length), 0), axis=1)
             return jnp.take_along_axis(x_BxLxD, last_B[:, None, None], axis=1)[:, 0]
         if o.pool == "last":
             return x_BxLxD[:, -1]

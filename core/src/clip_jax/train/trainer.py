@@ -23,6 +23,7 @@ from clip_jax.errors import UserError
 from clip_jax.evaluate import evaluate, padded_encoder
 from clip_jax.run_folder import RunFolder, RunFolderConflict, check_run_folder  # noqa: F401
 from clip_jax.spec import RunSpec
+from clip_jax.train import param_groups
 from clip_jax.train.checkpoint import Checkpoints
 from clip_jax.train.progress import Progress
 from clip_jax.train.signals import StopRequest
@@ -46,6 +47,7 @@ def run_evaluation(
         caption_key=source.keys.caption_key,
         label_key=source.keys.label_key,
         train=False,
+        preprocess=spec.preprocess,
     )
     return evaluate(
         pipeline.iterate(dataset),
@@ -62,9 +64,12 @@ def run_evaluation(
 def load_tokenizer(comps: Components, folder: RunFolder, train_files: Sequence[str]):
     """This run's tokenizer; at a fresh start, the one of the run it starts from
     (``train.init_from``: its token embeddings mean those ids), else one trained here."""
+    from clip_jax.pretrained import parse_ref
+
     saved = folder.tokenizer if folder.tokenizer.exists() else None
     init_from = comps.spec.train.init_from
-    if saved is None and init_from:
+    # A published checkpoint's tokenizer is the spec's tokenizer.path (its defaults).
+    if saved is None and init_from and not parse_ref(init_from):
         saved = RunFolder(init_from).tokenizer
         if not saved.exists():
             raise UserError(f"train.init_from: {init_from} has no tokenizer.json")
@@ -139,6 +144,7 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
         tx, schedule = comps.optimizer()
         model = comps.model
         init, abstract, shardings = state_shardings(model, tx, layout, spec)
+        param_groups.check(spec.train, abstract["params"])
         checkpoints = Checkpoints(
             folder.checkpoints, spec.train.keep_checkpoints, spec.train.checkpoint_every
         )
@@ -209,6 +215,7 @@ def _loop(
         positions=positions,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        preprocess=spec.preprocess,
     )
     image_sharding, token_sharding = layout.batch_sharding(4), layout.batch_sharding(2)
     results: dict[str, Any] = {}

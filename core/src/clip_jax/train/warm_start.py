@@ -45,8 +45,15 @@ def _side(tokens: int) -> int | None:
     return side if side * side == tokens else None
 
 
-def fit_params(source: Any, target: Any, prefix: int) -> Any:
-    """``source`` parameters with ``target``'s tree and shapes (``target`` may be abstract)."""
+def fit_params(
+    source: Any, target: Any, prefix: int, source_names: dict[str, str] | None = None
+) -> Any:
+    """``source`` parameters with ``target``'s tree and shapes (``target`` may be abstract).
+
+    ``source_names`` (our name -> the checkpoint's tensor name) makes errors name the
+    tensor of a published checkpoint.
+    """
+    source_names = source_names or {}
     flat_source = dict(jax.tree_util.tree_leaves_with_path(source))
     flat_target = jax.tree_util.tree_leaves_with_path(target)
     missing = [param_name(p) for p, _ in flat_target if p not in flat_source]
@@ -58,9 +65,10 @@ def fit_params(source: Any, target: Any, prefix: int) -> Any:
         name = param_name(path)
         if have.shape != want.shape:
             if name != "vision/pos_embed":
+                tensor = f" (tensor {source_names[name]})" if name in source_names else ""
                 raise UserError(
-                    f"parameter {name}: the checkpoint's shape {tuple(have.shape)} does not "
-                    f"fit this model's {tuple(want.shape)}"
+                    f"parameter {name}{tensor}: the checkpoint's shape {tuple(have.shape)} "
+                    f"does not fit this model's {tuple(want.shape)}"
                 )
             have = resample_positions(np.asarray(have), want.shape[0], prefix)
         fitted.append(np.asarray(have, want.dtype))
@@ -84,7 +92,7 @@ def params_of_run(
     folder = RunFolder(run_dir)
     if not folder.exists():
         raise UserError(f"{run_dir} is not a run folder (no spec.resolved.toml)")
-    spec = spec_lib.validate(folder.read_spec())
+    spec = spec_lib.validate(folder.read_spec(), pretrained=False)
     comps = components(spec)
     checkpoints = Checkpoints(folder.checkpoints, spec.train.keep_checkpoints, 1)
     try:
@@ -107,9 +115,16 @@ def params_of_run(
 
 
 def warm_params(init_from: str, spec, abstract_params: Any, shardings: Any, layout: Any) -> Any:
-    """Another run's parameters, fitted to ``spec``'s model and placed on its shardings."""
-    source, _, _ = params_of_run(init_from, layout=layout)
-    fitted = fit_params(source, abstract_params, class_token_rows(spec))
+    """Another run's (or a published checkpoint's) parameters, fitted to ``spec``'s model
+    and placed on its shardings."""
+    from clip_jax import pretrained
+
+    names = None
+    if pretrained.parse_ref(init_from):
+        source, names = pretrained.read_params(init_from, spec)
+    else:
+        source, _, _ = params_of_run(init_from, layout=layout)
+    fitted = fit_params(source, abstract_params, class_token_rows(spec), names)
     return jax.tree.map(
         lambda value, sharding: jax.make_array_from_callback(
             value.shape, sharding, lambda index: value[index]

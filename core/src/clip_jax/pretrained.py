@@ -1,0 +1,185 @@
+"""Published weights as a starting point: ``hf:PATH`` references for init_from and load().
+
+A reference ``FORMAT:PATH`` names a checkpoint in a format that some registered
+architecture converts (``formats=`` at registration; the ``clip`` architecture reads
+``hf``). This module finds that converter, reads the checkpoint's tensors safely, and
+gives the run-spec tables the checkpoint implies (model, loss, tokenizer, preprocess).
+Those act like a preset under the user's own tables: the spec may still change the
+image size, dtype, remat... and ``clipctl validate`` checks the result without jax.
+
+A checkpoint is data, never code: safetensors files are read with safetensors' numpy
+reader; torch ``.bin`` / ``.pt`` files only with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from clip_jax.errors import UserError
+from clip_jax.plugins import Registry, get_registry
+
+KNOWN_FORMATS = ("hf", "open_clip", "big_vision")
+
+
+class WeightFormat(Protocol):
+    """What an architecture's converter for one external format provides."""
+
+    name: str
+
+    def recognizes(self, path: Path) -> bool: ...
+
+    def spec_defaults(self, path: Path) -> dict[str, Any]: ...
+
+    def read_params(
+        self, path: Path, spec: Any, tensors: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, str]]: ...
+
+    def write(
+        self, params: dict[str, np.ndarray], spec: Any, tokenizer_file, out: Path
+    ) -> None: ...
+
+
+def parse_ref(ref: str | Path) -> tuple[str, Path] | None:
+    """``("hf", Path(...))`` for ``"hf:..."``; None for a run folder path."""
+    scheme, sep, rest = str(ref).partition(":")
+    if sep and scheme in KNOWN_FORMATS and rest:
+        return scheme, Path(rest).expanduser()
+    return None
+
+
+def find_format(ref: str, registry: Registry | None = None) -> tuple[str, WeightFormat, Path]:
+    """(architecture name, converter, path) for a ``FORMAT:PATH`` reference."""
+    parsed = parse_ref(ref)
+    if parsed is None:
+        raise UserError(f"{ref!r} is not a FORMAT:PATH reference ({', '.join(KNOWN_FORMATS)})")
+    scheme, path = parsed
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    registry = registry or get_registry()
+    readers = [
+        (component.name, component.weight_format(scheme))
+        for component in registry.components.get("architecture", {}).values()
+        if scheme in component.formats
+    ]
+    for name, converter in readers:
+        if converter.recognizes(path):
+            return name, converter, path
+    names = ", ".join(name for name, _ in readers) or "none"
+    raise UserError(
+        f"no architecture reads {path} as a {scheme!r} checkpoint (architectures with "
+        f"{scheme!r} converters: {names})"
+    )
+
+
+def with_defaults(raw: Mapping[str, Any], registry: Registry | None = None) -> dict[str, Any]:
+    """``raw`` over the tables its ``train.init_from`` checkpoint implies (if it names one)."""
+    train = raw.get("train")
+    init_from = train.get("init_from") if isinstance(train, Mapping) else None
+    if not isinstance(init_from, str) or parse_ref(init_from) is None:
+        return dict(raw)
+    name, converter, path = find_format(init_from, registry)
+    defaults = converter.spec_defaults(path)
+    defaults["model"] = {**defaults.get("model", {}), "architecture": name}
+    return deep_merge(defaults, raw)
+
+
+def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, table by table."""
+    merged = {key: value for key, value in base.items()}
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_params(ref: str, spec: Any, registry: Registry | None = None) -> tuple[dict, dict]:
+    """(nested numpy parameters for ``spec``'s model, our name -> checkpoint tensor name)."""
+    _, converter, path = find_format(ref, registry)
+    flat, names = converter.read_params(path, spec, read_tensors(path))
+    return unflatten(flat), names
+
+
+def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """``{"a/b": x}`` -> ``{"a": {"b": x}}``: the parameter tree Flax builds."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat |= flatten(value, f"{prefix}{key}/")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# --------------------------------------------------------------- checkpoint files
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint file or folder (safetensors, sharded or not; torch files
+    only as plain tensors)."""
+    if path.is_dir():
+        for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+            if (path / name).is_file():
+                return read_tensors(path / name)
+        raise UserError(f"{path} has no model.safetensors (or pytorch_model.bin)")
+    if path.name.endswith(".index.json"):
+        index = json.loads(path.read_text())
+        tensors: dict[str, np.ndarray] = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            tensors |= read_tensors(path.parent / shard)
+        return tensors
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    if path.suffix in (".bin", ".pt", ".pth"):
+        return _read_torch(path)
+    raise UserError(f"{path}: not a checkpoint file (.safetensors, .bin, .pt)")
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="numpy") as file:
+            for key in file.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                tensors[key] = file.get_tensor(key)
+    except Exception as exc:  # safetensors raises its own error types
+        raise UserError(f"{path} is not a readable safetensors file: {exc}") from None
+    return tensors
+
+
+def _read_torch(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(
+            f"{path} is a torch pickle file and torch is not installed; convert it to "
+            "safetensors (safetensors.torch.save_file(state_dict, 'model.safetensors'))"
+        ) from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(
+            f"{path}: refused, it is not a file of plain tensors ({type(exc).__name__}); a "
+            "checkpoint is read as data only. Convert it to safetensors where you trust it"
+        ) from None
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise UserError(f"{path} does not hold a state dict")
+    return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
