@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from clipctl import __version__
+from clipctl import __version__, model_commands
 
 EXIT_SPEC_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -407,6 +407,10 @@ def synth(
         f"wrote {settings['train_examples']} train and {settings['validation_examples']} "
         f"validation examples ({len(settings['classes'])} classes) to {out_dir}"
     )
+
+
+cli.add_command(model_commands.export_command)
+cli.add_command(model_commands.predict_command)
 
 
 def main() -> None:

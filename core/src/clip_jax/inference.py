@@ -41,21 +41,45 @@ class LoadedClip:
     def spec(self) -> spec_lib.RunSpec:
         return self.comps.spec
 
-    def encode_images(self, images_BxHxWx3: np.ndarray) -> np.ndarray:
-        """Unit-norm embeddings of preprocessed images (see data.pipeline)."""
-        return self._images(np.asarray(images_BxHxWx3, np.float32))
+    @property
+    def temperature(self) -> float:
+        """The learned logit scale (exp of the log-scale parameter)."""
+        return float(np.exp(np.asarray(self.params["logit_scale"])))
+
+    def preprocess(self, images: Any) -> np.ndarray:
+        """Model inputs (BxHxWx3 float32) from file paths, PIL images or HxWx3 uint8
+        arrays, with the model's own preprocessing; a float BxHxWx3 array is taken as
+        already preprocessed (what the data pipeline yields)."""
+        from clip_jax.data.images import preprocess
+
+        if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype != np.uint8:
+            return images.astype(np.float32)
+        if (
+            isinstance(images, np.ndarray)
+            and images.ndim == 3
+            or isinstance(images, str | Path)
+            or not isinstance(images, Sequence | np.ndarray)
+        ):
+            images = [images]
+        return preprocess(list(images), self.spec.model.vision.image_size, self.spec.preprocess)
+
+    def encode_images(self, images: Any) -> np.ndarray:
+        """Unit-norm embeddings of images: paths, PIL images, uint8 arrays, or a
+        preprocessed float batch."""
+        return self._images(self.preprocess(images))
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self._tokens(self.tokenizer(list(texts)))
 
     def classify(
-        self, images: np.ndarray, classes: Sequence[str], templates: Sequence[str] = ("a {}",)
+        self, images: Any, classes: Sequence[str], templates: Sequence[str] = ("a {}",)
     ) -> np.ndarray:
-        """Zero-shot class probabilities, images x classes."""
+        """Zero-shot class probabilities, images x classes (softmax at the model's own
+        learned temperature)."""
         from clip_jax.evaluate import class_embeddings
 
         class_emb_CxD = class_embeddings(self.encode_texts, classes, templates)
-        logits = self.encode_images(images) @ class_emb_CxD.T * 100.0
+        logits = self.encode_images(images) @ class_emb_CxD.T * self.temperature
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)
         return probs / probs.sum(axis=1, keepdims=True)

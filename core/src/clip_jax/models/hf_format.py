@@ -301,7 +301,7 @@ class HuggingFaceFormat:
         for ours, theirs, (_, to_theirs) in entries(options, layout):
             if ours == "logit_bias" and ours not in params:  # trained without a bias
                 params[ours] = np.zeros((), np.float32)
-            tensors[theirs] = to_theirs(np.asarray(params[ours], np.float32))
+            tensors[theirs] = np.array(to_theirs(np.asarray(params[ours], np.float32)))
         if layout == "siglip":
             packed: dict[str, list] = {}
             for ours, theirs, _, (_, to_theirs) in _packed_attention(options):
@@ -312,7 +312,8 @@ class HuggingFaceFormat:
         out.mkdir(parents=True, exist_ok=True)
         eos = _write_tokenizer(spec, tokenizer_file, out, layout, tensors)
         save_file(
-            {k: np.ascontiguousarray(v) for k, v in tensors.items()}, out / "model.safetensors"
+            {k: np.array(v, np.float32, order="C") for k, v in tensors.items()},
+            out / "model.safetensors",
         )
         config = _config(options, layout, eos)
         (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -1,0 +1,37 @@
+"""Handing a model over: a run folder's checkpoint written in another ecosystem's format.
+
+The architecture that owns the parameters converts them (``formats=`` at registration),
+so this module only finds the converter and checks the destination.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clip_jax.errors import UserError
+from clip_jax.plugins import get_registry
+
+
+def export(
+    run_dir: str | Path, out: str | Path, format: str = "hf", step: int | None = None
+) -> Path:
+    """Write ``run_dir``'s latest (or given) checkpoint to ``out`` in ``format``."""
+    from clip_jax.pretrained import flatten
+    from clip_jax.run_folder import RunFolder
+    from clip_jax.train.warm_start import params_of_run
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty folder: choose a new output folder")
+    params, spec, _ = params_of_run(run_dir, step)
+    architecture = get_registry().get("architecture", spec.model.architecture)
+    converter = architecture.weight_format(format)
+    if converter is None:
+        known = ", ".join(sorted(architecture.formats)) or "none"
+        raise UserError(
+            f"architecture {architecture.name!r} cannot be written as {format!r} "
+            f"(its formats: {known})"
+        )
+    tokenizer = RunFolder(run_dir).tokenizer
+    converter.write(flatten(params), spec, tokenizer if tokenizer.exists() else None, out)
+    return out
