@@ -45,6 +45,37 @@ def register_losses(register):
 
 
 @hookimpl
+def register_heads(register):
+    register(
+        "contrastive",
+        lazy("clip_jax.heads:contrastive"),
+        options=schemas.ContrastiveHeadOptions,
+        description="no head: both towers trained with the contrastive loss (the default)",
+    )
+    register(
+        "image_classification",
+        lazy("clip_jax.heads:image_classification"),
+        options=schemas.ClassificationHeadOptions,
+        description="linear or MAP classifier on the image tower, cross-entropy on "
+        "integer labels (data.label_key)",
+    )
+    register(
+        "text_classification",
+        lazy("clip_jax.heads:text_classification"),
+        options=schemas.ClassificationHeadOptions,
+        description="linear or MAP classifier on the text tower (the caption), "
+        "cross-entropy on the records' integer labels",
+    )
+    register(
+        "lit",
+        lazy("clip_jax.heads:lit"),
+        options=schemas.LitOptions,
+        description="locked-image tuning (LiT): contrastive loss, image tower frozen, "
+        "in inference mode and passing no gradient",
+    )
+
+
+@hookimpl
 def register_optimizers(register):
     register(
         "adamw",

@@ -133,20 +133,58 @@ def _resized(params: Any, trained: spec_lib.RunSpec, image_size: int) -> tuple[A
 
     raw = trained.model_dump(mode="json", exclude_none=True)
     spec = spec_lib.validate(
-        spec_lib.apply_overrides(raw, [f"model.vision.image_size={image_size}"])
+        spec_lib.apply_overrides(raw, [f"model.vision.image_size={image_size}"]),
+        pretrained=False,
     )
     comps = components(spec)
     shapes = nn.unbox(param_shapes(comps.model, spec))  # no mesh: the run's may not fit here
     return fit_params(params, shapes, class_token_rows(spec)), comps
 
 
-def evaluate_run(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:
-    """Evaluate a run folder's checkpoint on its validation split."""
-    from clip_jax.train.state import make_encoders
-    from clip_jax.train.trainer import run_evaluation
+def evaluate_run(
+    model_ref: str | Path,
+    step: int | None = None,
+    data: str | None = None,
+    classes: str | None = None,
+    linear_probe: bool = False,
+    probe_data: str | None = None,
+    image_key: str | None = None,
+    caption_key: str | None = None,
+    label_key: str | None = None,
+    max_examples: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run folder's checkpoint (or ``hf:PATH`` weights) and, for a run folder,
+    append the results to its metrics.jsonl.
 
-    model = load(run_dir, step)
-    results = run_evaluation(
-        model.comps, model.params, model.tokenizer, make_encoders(model.comps.model)
-    )
-    return {"step": model.step, **results}
+    With no options: the run's validation split, as during training. ``data`` / ``classes``
+    / ``linear_probe`` evaluate on any labelled tfrecord set (see ``clip_jax.eval_sets``).
+    """
+    from clip_jax.pretrained import parse_ref
+
+    model = load(model_ref, step)
+    custom = data or classes or linear_probe or image_key or label_key or caption_key
+    if custom or max_examples:
+        from clip_jax.data.pipeline import expand_files
+        from clip_jax.eval_sets import evaluate_model, run_eval_set
+
+        eval_set = run_eval_set(model, data, classes, image_key, caption_key, label_key)
+        probe_files: list[str] = []
+        if linear_probe:
+            probe_files = expand_files(probe_data) if probe_data else model.comps.data.train_files
+        limit = max_examples or model.spec.eval.max_examples
+        results = evaluate_model(model, eval_set, probe_files, limit)
+        split = f"eval:{eval_set.name}"
+    else:
+        from clip_jax.train.state import make_encoders
+        from clip_jax.train.trainer import run_evaluation
+
+        results = run_evaluation(
+            model.comps, model.params, model.tokenizer, make_encoders(model.comps.model)
+        )
+        split = "eval:validation"
+    results = {"step": model.step, **results}
+    if not parse_ref(model_ref):
+        import time
+
+        RunFolder(model_ref).append_metrics({**results, "split": split, "time": time.time()})
+    return results

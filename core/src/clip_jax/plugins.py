@@ -242,7 +242,13 @@ def _make_register(kind, info: PluginInfo, components, templates) -> Callable[..
             info.errors.append(f"{kind} {name!r} already registered by {existing.plugin}; ignored")
             return
         components[kind][name] = Component(
-            kind, name, factory, options, description, info.name, dict(presets or {}),
+            kind,
+            name,
+            factory,
+            options,
+            description,
+            info.name,
+            dict(presets or {}),
             dict(formats or {}),
         )
         info.registers.setdefault(kind, []).append(name)

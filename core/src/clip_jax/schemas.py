@@ -294,3 +294,30 @@ class FsdpTensorParallelOptions(Options):
     """2-D: fsdp over ``fsdp`` and tensor parallel over ``model``; set mesh.model."""
 
     mesh: FsdpMesh = FsdpMesh()
+
+
+# --------------------------------------------------------------------------- heads
+class ContrastiveHeadOptions(Options):
+    """No head: the two towers trained with the run's contrastive loss (the default)."""
+
+
+class ClassificationHeadOptions(Options):
+    """A classifier on one tower, trained with cross-entropy on the records' integer
+    labels (``data.label_key``)."""
+
+    num_classes: int = Field(ge=2, description="labels are 0 .. num_classes - 1")
+    kind: Literal["linear", "map"] = Field(
+        "linear",
+        description="linear: a dense layer on the tower's pooled output; map: attention "
+        "pooling (a learned probe, big_vision's MAP) over the tower's tokens, then the dense "
+        "layer (transformer towers only)",
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="before the classifier, training only")
+
+
+class LitOptions(Options):
+    """Locked-image tuning (LiT): the locked tower keeps its parameters bit-identical,
+    runs in inference mode and passes no gradient; the other tower learns to match it."""
+
+    lock: Literal["vision", "text"] = Field("vision", description="the tower that stays locked")

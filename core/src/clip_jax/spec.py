@@ -130,6 +130,7 @@ FIXED_SECTIONS: dict[str, type[Options]] = {
 COMPONENT_SECTIONS: dict[str, tuple[str, str, str]] = {
     "model": ("architecture", "architecture", "clip"),
     "loss": ("name", "loss", "softmax"),
+    "head": ("name", "head", "contrastive"),  # contrastive: no head, the two towers alone
     "optimizer": ("name", "optimizer", "adamw"),
     "data": ("source", "data_source", "synthetic"),
     "tokenizer": ("name", "tokenizer", "bpe"),
@@ -140,6 +141,7 @@ SECTION_ORDER = [
     "run",
     "model",
     "loss",
+    "head",
     "optimizer",
     "train",
     "data",

@@ -67,7 +67,7 @@ def make_dataset(
     image_size: int,
     batch_size: int,
     image_key: str = "jpg",
-    caption_key: str = "txt",
+    caption_key: str | None = "txt",
     label_key: str | None = None,
     train: bool = True,
     seed: int = 0,
@@ -84,10 +84,9 @@ def make_dataset(
     if train:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.enumerate().skip(start_position)
-    features = {
-        image_key: tf.io.FixedLenFeature([], tf.string),
-        caption_key: tf.io.FixedLenFeature([], tf.string),
-    }
+    features = {image_key: tf.io.FixedLenFeature([], tf.string)}
+    if caption_key:  # classification sets (e.g. ImageNet's) have no captions
+        features[caption_key] = tf.io.FixedLenFeature([], tf.string)
     if label_key:
         features[label_key] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
 
@@ -96,7 +95,7 @@ def make_dataset(
         out = {
             "position": position,
             "image": _preprocess(tf, example[image_key], image_size, preprocess),
-            "caption": example[caption_key],
+            "caption": example[caption_key] if caption_key else tf.constant(b""),
         }
         if label_key:
             out["label"] = example[label_key]

@@ -8,12 +8,14 @@ to score image-text pairs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import dense_init, zeros
+from clip_jax.errors import UserError
+from clip_jax.models.layers import DTYPES, block_config, dense_init, zeros
 from clip_jax.models.text import TextTower
 from clip_jax.models.vit import VisionTower
 from clip_jax.schemas import ClipOptions
@@ -30,6 +32,9 @@ class Clip(nn.Module):
     A tower is a Flax module ``(inputs, train=False) -> (batch, features)``: the ViT and
     text transformer here, or a plugin's (a conv net, say). ``projection`` "none" uses
     the tower's output as the embedding.
+
+    ``head``: a downstream head (``clip_jax.heads``) whose parameters live under ``head/``;
+    ``classify_images`` / ``classify_texts`` run it on a tower's output.
     """
 
     vision: nn.Module
@@ -41,6 +46,7 @@ class Clip(nn.Module):
     text_projection_bias: bool = False
     init_temperature: float = 1 / 0.07
     init_bias: float | None = None
+    head: nn.Module | None = None
 
     def setup(self) -> None:
         self.vision_proj = self._projection(self.vision_projection, self.vision_projection_bias)
@@ -67,15 +73,69 @@ class Clip(nn.Module):
     def encode_texts(self, tokens_BxL: jax.Array, train: bool = False) -> jax.Array:
         return l2_normalize(self.text_proj(self.text(tokens_BxL, train=train)))
 
-    def __call__(self, images_BxHxWxC: jax.Array, tokens_BxL: jax.Array, train: bool = False):
-        """Embeddings of both towers plus the (log) logit scale and the bias (or 0)."""
+    def classify_images(self, images_BxHxWxC: jax.Array, train: bool = False) -> jax.Array:
+        return self._classify(self.vision, images_BxHxWxC, None, train)
+
+    def classify_texts(self, tokens_BxL: jax.Array, train: bool = False) -> jax.Array:
+        pad_id = getattr(getattr(self.text, "options", None), "pad_id", None)
+        valid_BxL = None if pad_id is None else tokens_BxL != pad_id
+        return self._classify(self.text, tokens_BxL, valid_BxL, train)
+
+    def _classify(self, tower: nn.Module, inputs, valid_BxN, train: bool) -> jax.Array:
+        """The head's logits from ``tower``'s pooled output, and from its token sequence
+        (its ``encoder`` submodule's output) when the head pools tokens itself."""
+        if not getattr(self.head, "uses_tokens", False):
+            return self.head(tower(inputs, train=train), train=train)
+        found: list[jax.Array] = []
+        with nn.intercept_methods(_encoder_output(tower.path, found)):
+            pooled_BxD = tower(inputs, train=train)
+        options = getattr(tower, "options", None)
+        if not found or options is None:
+            raise UserError(
+                f"head.kind = 'map' pools a transformer tower's tokens; the {tower.name} "
+                "tower has no encoder blocks (use head.kind = 'linear')"
+            )
+        cfg = block_config(options, DTYPES[options.dtype])
+        return self.head(pooled_BxD, found[-1], valid_BxN, cfg, train=train)
+
+    def __call__(
+        self,
+        images_BxHxWxC: jax.Array,
+        tokens_BxL: jax.Array,
+        train: bool = False,
+        lock: str | None = None,
+    ):
+        """Embeddings of both towers plus the (log) logit scale and the bias (or 0).
+
+        ``lock`` ("vision" or "text"): that tower runs in inference mode and its
+        embeddings pass no gradient (LiT).
+        """
+        if self.head is not None and self.is_initializing():  # create the head's parameters
+            if self.head.tower == "vision":
+                self.classify_images(images_BxHxWxC)
+            else:
+                self.classify_texts(tokens_BxL)
         bias = self.logit_bias if self.init_bias is not None else jnp.zeros(())
-        return (
-            self.encode_images(images_BxHxWxC, train),
-            self.encode_texts(tokens_BxL, train),
-            self.logit_scale,
-            bias,
-        )
+        img_emb_BxD = self.encode_images(images_BxHxWxC, train and lock != "vision")
+        txt_emb_BxD = self.encode_texts(tokens_BxL, train and lock != "text")
+        if lock == "vision":
+            img_emb_BxD = jax.lax.stop_gradient(img_emb_BxD)
+        elif lock == "text":
+            txt_emb_BxD = jax.lax.stop_gradient(txt_emb_BxD)
+        return img_emb_BxD, txt_emb_BxD, self.logit_scale, bias
+
+
+def _encoder_output(tower_path: tuple[str, ...], found: list) -> Callable:
+    """A method interceptor that keeps the output of the module at ``tower_path/encoder``."""
+
+    def intercept(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name == "__call__" and module.path == (*tower_path, "encoder"):
+            found.append(out)
+        return out
+
+    return intercept
 
 
 def two_tower(

@@ -1,0 +1,110 @@
+"""Using a trained model: clipctl eval on any labelled set, predict on image files, export."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from clipctl.cli import cli
+from tests.conftest import QUICKSTART
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, synthetic_dir):
+    """A short quickstart-sized run (module-wide: several tests use it read-only)."""
+    from clip_jax.spec import load_spec
+    from clip_jax.train.trainer import train
+    from tests.conftest import SMALL_RUN
+
+    run = tmp_path_factory.mktemp("use") / "run"
+    overrides = [
+        *SMALL_RUN, f"data.dir={synthetic_dir}", "data.train_examples=1024",
+        "data.validation_examples=256", f"run.output_dir={run}", "train.steps=30",
+    ]  # fmt: skip
+    train(load_spec(QUICKSTART, overrides))
+    return run
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.mark.slow
+def test_eval_on_any_labelled_set_with_a_linear_probe(runner, trained_run, synthetic_dir):
+    args = [
+        "eval", str(trained_run), "--data", str(synthetic_dir / "validation" / "*.tfrecord"),
+        "--classes", str(synthetic_dir / "classes.json"), "--label-key", "label",
+        "--caption-key", "", "--linear-probe", "--json",
+    ]  # fmt: skip
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads(result.stdout)
+    assert results["examples"] == 256 and results["zero_shot_classes"] == 16
+    assert "retrieval_i2t_r1" not in results  # no captions read
+    # 16 classes, chance 1/16: the probe on frozen embeddings learns the shapes and colours
+    assert results["linear_probe_top1"] > 0.5
+    assert results["linear_probe_train_examples"] == 1024
+    recorded = [json.loads(line) for line in (trained_run / "metrics.jsonl").open()]
+    assert recorded[-1]["split"] == "eval:validation"
+    assert recorded[-1]["linear_probe_top1"] == results["linear_probe_top1"]
+
+
+@pytest.mark.slow
+def test_eval_bad_input_is_exit_2(runner, trained_run, tmp_path):
+    result = runner.invoke(cli, ["eval", str(trained_run), "--data", str(tmp_path / "*.tfrecord")])
+    assert result.exit_code == 2 and "--data: no files match" in result.stderr
+    result = runner.invoke(cli, ["eval", str(trained_run), "--classes", str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and "x.json" in result.stderr
+
+
+@pytest.mark.slow
+def test_predict_classifies_image_files(runner, trained_run, tmp_path):
+    from PIL import Image, ImageDraw
+
+    paths = []
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        image = Image.new("RGB", (48, 40), (255, 255, 255))
+        ImageDraw.Draw(image).ellipse((8, 6, 40, 34), fill=colour)
+        paths.append(tmp_path / f"{name}.png")
+        image.save(paths[-1])
+    labels = "red circle,blue circle,green square"
+    args = ["predict", str(trained_run), "--labels", labels, "--json"]
+    for path in paths:
+        args += ["--image", str(path)]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [row["image"] for row in rows] == [str(p) for p in paths]
+    for row in rows:
+        assert sum(row["probs"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert row["label"] == max(row["probs"], key=row["probs"].get)
+
+    import clip_jax
+
+    model = clip_jax.load(trained_run)
+    from_files = model.encode_images([str(p) for p in paths])
+    from_arrays = model.encode_images([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    np.testing.assert_allclose(from_files, from_arrays, atol=1e-6)
+
+    missing = runner.invoke(
+        cli, ["predict", str(trained_run), "--image", "nope.png", "--labels", "a"]
+    )
+    assert missing.exit_code == 2 and "nope.png does not exist" in missing.stderr
+
+
+@pytest.mark.slow
+def test_export_command(runner, trained_run, tmp_path):
+    out = tmp_path / "hf"
+    result = runner.invoke(cli, ["export", str(trained_run), str(out)])
+    assert result.exit_code == 0, result.output
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    again = runner.invoke(cli, ["export", str(trained_run), str(out)])
+    assert again.exit_code == 2 and "not an empty folder" in again.stderr
+    wrong = runner.invoke(
+        cli, ["export", str(trained_run), str(tmp_path / "x"), "--format", "onnx"]
+    )
+    assert wrong.exit_code == 2 and "cannot be written as 'onnx'" in wrong.stderr
