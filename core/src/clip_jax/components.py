@@ -7,6 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from clip_jax.errors import UserError
 from clip_jax.plugins import Registry, get_registry
 from clip_jax.spec import COMPONENT_SECTIONS, RunSpec
 
@@ -27,10 +28,32 @@ class Components:
         return _build(self.spec, "loss", self.registry, self.layout)
 
     @cached_property
+    def head(self):
+        return _build(self.spec, "head", self.registry)
+
+    @cached_property
     def model(self):
-        return _build(
+        """The architecture's model with the head's parameters (if it has any)."""
+        model = _build(
             self.spec, "model", self.registry, self.loss.init_temperature, self.loss.init_bias
         )
+        return self.head.attach(model, self.spec.model.architecture)
+
+    @cached_property
+    def train_options(self):
+        """``train``, with the head's freeze patterns after the spec's own."""
+        train = self.spec.train
+        extra = [p for p in self.head.freeze if p not in train.freeze]
+        return train.model_copy(update={"freeze": [*train.freeze, *extra]}) if extra else train
+
+    def check(self) -> None:
+        """What the head needs from the spec, before any data is read or step is run."""
+        self.model  # attaching the head checks the towers it reads
+        if self.head.needs_labels and not getattr(self.spec.data, "label_key", None):
+            raise UserError(
+                f"data.label_key: head {self.spec.head.name!r} trains on the records' integer "
+                "labels; set data.label_key to their int64 feature (e.g. \"label\")"
+            )
 
     @cached_property
     def layout(self):
@@ -42,7 +65,8 @@ class Components:
 
     def optimizer(self):
         """(optax transformation, learning-rate schedule): the optimizer component's, with
-        ``train.freeze``, ``train.lr_scale`` and ``train.layer_decay`` applied."""
+        ``train.freeze`` (and the head's), ``train.lr_scale`` and ``train.layer_decay``
+        applied."""
         from clip_jax.train import param_groups
 
         tx, schedule = _build(self.spec, "optimizer", self.registry, self.spec.train.steps)
@@ -50,7 +74,7 @@ class Components:
         def order():  # layer decay's: the model is traced only when it is on
             return param_groups.forward_order(self.model, self.spec)
 
-        return param_groups.wrap(tx, self.spec.train, order), schedule
+        return param_groups.wrap(tx, self.train_options, order), schedule
 
     def tokenizer(self, saved: str | Path | None = None, captions=()):
         context_length = self.spec.model.text.context_length

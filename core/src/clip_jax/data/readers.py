@@ -5,6 +5,9 @@ with its own files, shuffle seed and position in its own record stream. A global
 is the readers' sub-batches in reader order, and each process owns a contiguous block
 of readers. So a 2-process run sees exactly the batches a 1-process run sees, and a
 checkpoint's positions (one per reader) mean the same on any topology.
+
+With ``labels``, batches carry the records' ``label_key`` feature (int64, -1 where a
+record has none), for heads that train on labels; otherwise the feature is not parsed.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class LocalBatch:
     images: np.ndarray
     captions: list[str]
     skipped: int  # records dropped so far by this process's readers
+    labels: np.ndarray | None = None  # B int64 (-1: no label), when the readers read labels
 
 
 class Readers:
@@ -39,6 +43,7 @@ class Readers:
         process_index: int = 0,
         process_count: int = 1,
         preprocess: PreprocessOptions | None = None,
+        labels: bool = False,
     ):
         count = keys.readers
         if count % process_count:
@@ -62,6 +67,7 @@ class Readers:
         per_process = count // process_count
         self.owned = range(process_index * per_process, (process_index + 1) * per_process)
         self.all_positions = list(positions)
+        self.labels = labels
         self.streams = []
         for reader in self.owned:
             dataset = pipeline.make_dataset(
@@ -70,6 +76,7 @@ class Readers:
                 batch_size=global_batch // count,
                 image_key=keys.image_key,
                 caption_key=keys.caption_key,
+                label_key=keys.label_key if labels else None,
                 train=True,
                 seed=seed + 7919 * reader,
                 shuffle_buffer=max(keys.shuffle_buffer // count, 1),
@@ -91,6 +98,7 @@ class Readers:
             images=np.concatenate([b.images for b in batches]),
             captions=[c for b in batches for c in b.captions],
             skipped=self.skipped_total,
+            labels=np.concatenate([b.labels for b in batches]) if self.labels else None,
         )
 
     @property

@@ -96,29 +96,39 @@ def create_state(init: Callable, shardings: Any, seed: int) -> State:
 
 
 def make_train_step(
-    model: nn.Module, loss_fn, tx, schedule, shardings, layout: Layout, seed: int = 0
+    model: nn.Module,
+    loss_fn,
+    tx,
+    schedule,
+    shardings,
+    layout: Layout,
+    seed: int = 0,
+    objective: Callable | None = None,
 ) -> Callable:
-    def train_step(state: State, images_BxHxWxC: jax.Array, tokens_BxL: jax.Array):
+    """``train_step(state, images, tokens, labels=None) -> (state, metrics)``.
+
+    ``objective``: ``(params, images, tokens, labels, dropout_rng) -> (loss, metrics)``,
+    a head's (``clip_jax.heads``); by default the contrastive loss on both towers.
+    """
+    if objective is None:
+        from clip_jax.heads import contrastive_objective
+
+        objective = contrastive_objective(model, loss_fn)
+
+    def train_step(state: State, images_BxHxWxC: jax.Array, tokens_BxL: jax.Array, labels_B=None):
         # Trace under the mesh and the logical rules: activation constraints apply.
         with layout.mesh, nn.logical_axis_rules(layout.all_rules):
-            return _train_step(state, images_BxHxWxC, tokens_BxL)
+            return _train_step(state, images_BxHxWxC, tokens_BxL, labels_B)
 
-    def _train_step(state: State, images_BxHxWxC: jax.Array, tokens_BxL: jax.Array):
+    def _train_step(state: State, images_BxHxWxC, tokens_BxL, labels_B):
         # Dropout masks differ per step and are the same on every topology and resume.
         dropout_rng = jax.random.fold_in(jax.random.key(seed), state["step"])
 
         def compute_loss(params):
-            img_emb_BxD, txt_emb_BxD, log_scale, bias = model.apply(
-                {"params": params},
-                images_BxHxWxC,
-                tokens_BxL,
-                train=True,
-                rngs={"dropout": dropout_rng},
-            )
-            return loss_fn(img_emb_BxD, txt_emb_BxD, log_scale, bias), (log_scale, bias)
+            return objective(params, images_BxHxWxC, tokens_BxL, labels_B, dropout_rng)
 
         grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-        (loss, (log_scale, bias)), grads = grad_fn(state["params"])
+        (loss, head_metrics), grads = grad_fn(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {
             "step": state["step"] + 1,
@@ -129,8 +139,7 @@ def make_train_step(
             "loss": loss,
             "learning_rate": schedule(state["step"]),
             "grad_norm": optax.global_norm(grads),
-            "temperature": jnp.exp(log_scale),
-            "logit_bias": bias,
+            **head_metrics,
         }
         return new_state, metrics
 
