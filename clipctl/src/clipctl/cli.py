@@ -123,8 +123,8 @@ def _run(spec: str, overrides: tuple[str, ...], force: bool) -> None:
 
         try:
             results = train(resolved, force=force)
-        except UserError as exc:
-            _fail(str(exc))
+        except UserError as exc:  # the user's to fix (paths, tokenizer, checkpoint fit...)
+            _fail(str(exc), EXIT_SPEC_ERROR)
     except KeyboardInterrupt:
         folder = RunFolder(resolved.run.output_dir)
         status = folder.status()

@@ -48,7 +48,8 @@ class Components:
 
     def check(self) -> None:
         """What the head needs from the spec, before any data is read or step is run."""
-        self.model  # attaching the head checks the towers it reads
+        if self.head.towers or self.head.module is not None:
+            self.model  # attaching the head checks the towers it reads
         if self.head.needs_labels and not getattr(self.spec.data, "label_key", None):
             raise UserError(
                 f"data.label_key: head {self.spec.head.name!r} trains on the records' integer "

@@ -5,7 +5,7 @@ A head is chosen in the ``[head]`` table (``name``) and registered through
 
 - ``module``: a Flax module whose parameters live under ``head/`` in the model's tree
   (``Clip.head``, set with ``model.clone(head=...)``), or None;
-- ``tower``: the tower it reads (``"vision"``/``"text"``), checked against the model;
+- ``towers``: the towers it reads, checked against the model before training;
 - ``freeze``: parameter-path patterns it adds to ``train.freeze``;
 - ``needs_labels``: the train step receives the records' integer labels;
 - ``objective(model, loss_fn)``: ``(params, images, tokens, labels, dropout_rng) ->
@@ -60,7 +60,7 @@ class Head:
 
     name = "contrastive"
     module: nn.Module | None = None
-    tower: str | None = None
+    towers: tuple[str, ...] = ()  # the towers it reads: the model must have them
     freeze: tuple[str, ...] = ()
     needs_labels = False
     num_classes: int | None = None
@@ -68,7 +68,7 @@ class Head:
     def attach(self, model: nn.Module, architecture: str) -> nn.Module:
         """``model`` with this head's parameters; a UserError naming ``head.name`` when
         the model lacks the tower the head reads."""
-        for tower in filter(None, (self.tower, getattr(self, "lock", None))):
+        for tower in self.towers:
             if not isinstance(getattr(model, tower, None), nn.Module):
                 raise UserError(
                     f"head.name: {self.name!r} works on the model's {tower} tower, and "
@@ -134,7 +134,7 @@ class ClassificationHead(Head):
     needs_labels = True
 
     def __init__(self, name: str, tower: str, options: ClassificationHeadOptions):
-        self.name, self.tower, self.options = name, tower, options
+        self.name, self.tower, self.towers, self.options = name, tower, (tower,), options
         self.num_classes = options.num_classes
         self.module = ClassifierModule(options.num_classes, tower, options.kind, options.dropout)
         self.freeze = (f"(?!({tower}|head)/).*",)  # everything but this tower and the head
@@ -170,6 +170,7 @@ class LitHead(Head):
     stop-gradient'ed so that no backward work is spent on it."""
 
     name = "lit"
+    towers = ("vision", "text")
 
     def __init__(self, options: LitOptions):
         self.lock = options.lock
