@@ -289,3 +289,26 @@ def test_from_pretrained_template_trains_from_the_checkpoint(hf_folders, synthet
     results = train(spec)
     assert "zero_shot_top1" in results
     assert np.abs(clip_jax.load(tmp_path / "ft").encode_images(images) - want_images).max() > TOL
+
+
+def test_siglip_sentencepiece_tokenizer_comes_along(hf_folders, tmp_path):
+    """A SigLIP folder whose tokenizer is spiece.model tokenizes as transformers does."""
+    import shutil
+
+    import clip_jax
+    from tests.test_sentencepiece_tokenizer import train_model
+
+    folder, reference = hf_folders["siglip"]
+    copy = tmp_path / "siglip"
+    shutil.copytree(folder, copy)
+    (copy / "tokenizer.json").unlink()
+    theirs = transformers.SiglipTokenizer(vocab_file=str(train_model(tmp_path, VOCAB)))
+    theirs.save_pretrained(copy)
+    assert (copy / "spiece.model").exists()
+    loaded = clip_jax.load(f"hf:{copy}")
+    assert loaded.spec.tokenizer.name == "sentencepiece"
+    texts = ["A small RED circle!", "the dog </s> and cat", "green " * 30]
+    ids = theirs(texts, padding="max_length", max_length=16, truncation=True)["input_ids"]
+    np.testing.assert_array_equal(loaded.tokenizer(texts), np.asarray(ids))
+    _, want_texts = hf_embeddings(reference, np.zeros((1, 32, 32, 3), np.float32), np.asarray(ids))
+    assert np.abs(loaded.encode_texts(texts) - want_texts).max() <= TOL

@@ -61,14 +61,13 @@ def made_up_captions(count: int = 400) -> list[str]:
     return [" ".join(rng.choices(words, k=rng.randint(3, 12))) for _ in range(count)]
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    """A ~200-piece unigram model with SigLIP's special ids, trained in a few ms."""
+def train_model(directory, vocab_size: int = 200):
+    """A unigram model with SigLIP's special ids (no bos), trained in a few ms."""
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(made_up_captions()),
         model_writer=out,
-        vocab_size=200,
+        vocab_size=vocab_size,
         hard_vocab_limit=False,
         model_type="unigram",
         pad_id=PAD,
@@ -78,9 +77,15 @@ def model_file(tmp_path_factory):
         num_threads=1,
         minloglevel=2,
     )
-    path = tmp_path_factory.mktemp("spm") / "spiece.model"
+    path = directory / "spiece.model"
     path.write_bytes(out.getvalue())
     return path
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A ~200-piece unigram model with SigLIP's special ids, trained in a few ms."""
+    return train_model(tmp_path_factory.mktemp("spm"))
 
 
 def load(model_file, context_length=16, **options) -> SentencePieceTokenizer:
