@@ -53,12 +53,16 @@ def parse_ref(ref: str | Path) -> tuple[str, Path] | None:
 
 
 def find_format(ref: str, registry: Registry | None = None) -> tuple[str, WeightFormat, Path]:
-    """(architecture name, converter, path) for a ``FORMAT:PATH`` reference."""
+    """(architecture name, converter, path) for a ``FORMAT:PATH`` reference.
+
+    ``PATH#NAME`` (``open_clip:ckpt.pt#ViT-B-32``): the file or folder is PATH and the
+    converter reads NAME off the path it is given.
+    """
     parsed = parse_ref(ref)
     if parsed is None:
         raise UserError(f"{ref!r} is not a FORMAT:PATH reference ({', '.join(KNOWN_FORMATS)})")
     scheme, path = parsed
-    if not path.exists():
+    if not path.exists() and not Path(str(path).rpartition("#")[0] or path).exists():
         raise UserError(f"{path} does not exist")
     registry = registry or get_registry()
     readers = [
@@ -102,7 +106,8 @@ def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any
 def read_params(ref: str, spec: Any, registry: Registry | None = None) -> tuple[dict, dict]:
     """(nested numpy parameters for ``spec``'s model, our name -> checkpoint tensor name)."""
     _, converter, path = find_format(ref, registry)
-    flat, names = converter.read_params(path, spec, read_tensors(path))
+    read = getattr(converter, "read_tensors", read_tensors)  # a format's own files (.npz...)
+    flat, names = converter.read_params(path, spec, read(path))
     return unflatten(flat), names
 
 

@@ -48,9 +48,9 @@ class TrainOptions(Options):
     init_from: str | None = Field(
         None,
         description="a run folder whose latest parameters start this run (fine-tuning), or "
-        "published weights: hf:PATH (a transformers CLIPModel/SiglipModel folder, whose "
-        "config gives the model's defaults); position embeddings are resampled to a new "
-        "image size",
+        "published weights: hf:PATH (a transformers CLIPModel/SiglipModel folder), "
+        "open_clip:PATH[#MODEL] or big_vision:PATH.npz, whose config gives the model's "
+        "defaults; position embeddings are resampled to a new image size",
     )
     freeze: list[str] = Field(
         [],
