@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 
 from clip_jax.errors import UserError
-from clip_jax.models.hf_format import _pad_id, _stack_scanned
+from clip_jax.models.hf_format import tokenizer_pad_id
+from clip_jax.models.weight_layout import stack_scanned
 
 _BLOCK_PARTS = (  # (ours, theirs) inside one encoder block
     ("ln_1/scale", "LayerNorm_0/scale"),
@@ -145,7 +146,7 @@ class BigVisionFormat:
                 f"{path}: tensor {unused[0]} ({len(unused)} unused in all) has no place in the "
                 "model its shapes describe"
             )
-        return _stack_scanned(params, options), names
+        return stack_scanned(params, options), names
 
     def write(self, params, spec, tokenizer_file, out: Path) -> None:
         raise UserError(
@@ -296,7 +297,11 @@ def _tokenizer_defaults(path: Path) -> dict[str, Any]:
         if candidate.is_file():
             return {"name": "sentencepiece", "path": str(candidate)}
     if (folder / "tokenizer.json").is_file():
-        return {"name": "bpe", "path": str(folder / "tokenizer.json"), "pad_id": _pad_id(folder)}
+        return {
+            "name": "bpe",
+            "path": str(folder / "tokenizer.json"),
+            "pad_id": tokenizer_pad_id(folder),
+        }
     # big_vision ships no tokenizer: the spec must name one (tokenizer.path).
     return {"name": "sentencepiece"}
 

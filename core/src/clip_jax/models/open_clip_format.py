@@ -42,15 +42,15 @@ from typing import Any
 import numpy as np
 
 from clip_jax.errors import UserError
-from clip_jax.models.hf_format import (
-    _CONV,
-    _COPY,
-    _IGNORED,
-    _LINEAR,
-    _attention_out,
-    _heads,
-    _pad_id,
-    _stack_scanned,
+from clip_jax.models.hf_format import tokenizer_pad_id
+from clip_jax.models.weight_layout import (
+    CONV,
+    COPY,
+    IGNORED,
+    LINEAR,
+    attention_out,
+    split_heads,
+    stack_scanned,
 )
 from clip_jax.presets import CLIP_PRESETS, OPEN_CLIP_COUNTS
 from clip_jax.schemas import CLIP_MEAN, CLIP_STD
@@ -164,13 +164,13 @@ class OpenClipFormat:
         if "logit_bias" not in params and init_bias is not None:  # a sigmoid loss on CLIP
             params["logit_bias"] = np.asarray(init_bias, np.float32)
         used = set(names.values())
-        unused = sorted(k for k in tensors if k not in used and not _IGNORED.match(k))
+        unused = sorted(k for k in tensors if k not in used and not IGNORED.match(k))
         if unused:
             raise UserError(
                 f"{path}: tensor {unused[0]} ({len(unused)} unused in all) has no place in the "
                 "model its open_clip config describes"
             )
-        return _stack_scanned(params, options), names
+        return stack_scanned(params, options), names
 
     def write(self, params, spec, tokenizer_file, out: Path) -> None:
         raise UserError(
@@ -461,7 +461,7 @@ def _tokenizer_defaults(folder: Path, siglip: bool) -> dict[str, Any]:
     if siglip and (folder / "spiece.model").is_file():
         return {"name": "sentencepiece", "path": str(folder / "spiece.model")}
     if (folder / "tokenizer.json").is_file():
-        pad = _pad_id(folder) if siglip else 0
+        pad = tokenizer_pad_id(folder) if siglip else 0
         return {"name": "bpe", "path": str(folder / "tokenizer.json"), "pad_id": pad}
     if siglip:  # no path: validation asks for tokenizer.path
         return {"name": "sentencepiece"}
@@ -498,18 +498,18 @@ def _scalar(w: np.ndarray) -> np.ndarray:
 
 
 def _norm(ours: str, theirs: str) -> Iterator[tuple]:
-    yield f"{ours}/scale", f"{theirs}.weight", _COPY[0]
-    yield f"{ours}/bias", f"{theirs}.bias", _COPY[0]
+    yield f"{ours}/scale", f"{theirs}.weight", COPY[0]
+    yield f"{ours}/bias", f"{theirs}.bias", COPY[0]
 
 
-def _linear(ours: str, theirs: str, kernel: Callable = _LINEAR[0]) -> Iterator[tuple]:
+def _linear(ours: str, theirs: str, kernel: Callable = LINEAR[0]) -> Iterator[tuple]:
     yield f"{ours}/kernel", f"{theirs}.weight", kernel
-    yield f"{ours}/bias", f"{theirs}.bias", _COPY[0]
+    yield f"{ours}/bias", f"{theirs}.bias", COPY[0]
 
 
 def _packed(ours: str, weight: str, bias: str, names, width: int, heads: int) -> Iterator[tuple]:
     """q/k/v (or k/v) from row blocks of one packed projection (torch (n*D, D))."""
-    per_head = _heads(width, heads)[0]
+    per_head = split_heads(width, heads)[0]
     for index, name in enumerate(names):
         yield f"{ours}/{name}/kernel", weight, _part(len(names), index, per_head)
         yield f"{ours}/{name}/bias", bias, _part(len(names), index, per_head)
@@ -524,7 +524,7 @@ def _resblock(ours: str, theirs: str, width: int, heads: int) -> Iterator[tuple]
         f"{ours}/attn", f"{attn}.in_proj_weight", f"{attn}.in_proj_bias",
         ("query", "key", "value"), width, heads,
     )  # fmt: skip
-    yield from _linear(f"{ours}/attn/out", f"{attn}.out_proj", _attention_out(heads)[0])
+    yield from _linear(f"{ours}/attn/out", f"{attn}.out_proj", attention_out(heads)[0])
     yield from _linear(f"{ours}/mlp/fc1", f"{theirs}.mlp.c_fc")
     yield from _linear(f"{ours}/mlp/fc2", f"{theirs}.mlp.c_proj")
 
@@ -538,16 +538,16 @@ def _timm_block(ours: str, theirs: str, width: int, heads: int) -> Iterator[tupl
         f"{ours}/attn", f"{attn}.qkv.weight", f"{attn}.qkv.bias",
         ("query", "key", "value"), width, heads,
     )  # fmt: skip
-    yield from _linear(f"{ours}/attn/out", f"{attn}.proj", _attention_out(heads)[0])
+    yield from _linear(f"{ours}/attn/out", f"{attn}.proj", attention_out(heads)[0])
     yield from _linear(f"{ours}/mlp/fc1", f"{theirs}.mlp.fc1")
     yield from _linear(f"{ours}/mlp/fc2", f"{theirs}.mlp.fc2")
 
 
 def _openai_vision(options) -> Iterator[tuple]:
     v = options.vision
-    yield "vision/patch_embed/kernel", "visual.conv1.weight", _CONV[0]
-    yield "vision/class_token", "visual.class_embedding", _COPY[0]
-    yield "vision/pos_embed", "visual.positional_embedding", _COPY[0]
+    yield "vision/patch_embed/kernel", "visual.conv1.weight", CONV[0]
+    yield "vision/class_token", "visual.class_embedding", COPY[0]
+    yield "vision/pos_embed", "visual.positional_embedding", COPY[0]
     if v.norm_pre:
         yield from _norm("vision/ln_pre", "visual.ln_pre")
     for i in range(v.depth):
@@ -556,42 +556,42 @@ def _openai_vision(options) -> Iterator[tuple]:
         )
     yield from _norm("vision/ln_post", "visual.ln_post")
     if v.projection == "linear":
-        yield "vision_proj/kernel", "visual.proj", _COPY[0]  # used as x @ proj
+        yield "vision_proj/kernel", "visual.proj", COPY[0]  # used as x @ proj
 
 
 def _vision_entries(options, tensors) -> Iterator[tuple]:
     """timm's SigLIP trunk under ``visual.trunk`` (its attn_pool is our MAP head)."""
     v, trunk = options.vision, "visual.trunk"
-    yield from _linear("vision/patch_embed", f"{trunk}.patch_embed.proj", _CONV[0])
+    yield from _linear("vision/patch_embed", f"{trunk}.patch_embed.proj", CONV[0])
     yield "vision/pos_embed", f"{trunk}.pos_embed", lambda w: w.reshape(-1, w.shape[-1])
     for i in range(v.depth):
         yield from _timm_block(f"vision/encoder/block_{i}", f"{trunk}.blocks.{i}", v.width, v.heads)
     yield from _norm("vision/ln_post", f"{trunk}.norm")
     pool, head = f"{trunk}.attn_pool", "vision/map_head"
-    yield f"{head}/probe", f"{pool}.latent", _COPY[0]
-    per_head = _heads(v.width, v.heads)[0]
+    yield f"{head}/probe", f"{pool}.latent", COPY[0]
+    per_head = split_heads(v.width, v.heads)[0]
     yield f"{head}/attn/query/kernel", f"{pool}.q.weight", per_head
     yield f"{head}/attn/query/bias", f"{pool}.q.bias", per_head
     yield from _packed(
         f"{head}/attn", f"{pool}.kv.weight", f"{pool}.kv.bias", ("key", "value"), v.width, v.heads
     )
-    yield from _linear(f"{head}/attn/out", f"{pool}.proj", _attention_out(v.heads)[0])
+    yield from _linear(f"{head}/attn/out", f"{pool}.proj", attention_out(v.heads)[0])
     yield from _norm(f"{head}/ln", f"{pool}.norm")
     yield from _linear(f"{head}/mlp/fc1", f"{pool}.mlp.fc1")
     yield from _linear(f"{head}/mlp/fc2", f"{pool}.mlp.fc2")
     if v.projection == "linear":
         # timm_proj "linear": open_clip's head; "" : timm's own classifier head.
         proj = f"{trunk}.head" if f"{trunk}.head.weight" in tensors else "visual.head.proj"
-        yield "vision_proj/kernel", f"{proj}.weight", _LINEAR[0]
+        yield "vision_proj/kernel", f"{proj}.weight", LINEAR[0]
         if v.projection_bias:
-            yield "vision_proj/bias", f"{proj}.bias", _COPY[0]
+            yield "vision_proj/bias", f"{proj}.bias", COPY[0]
 
 
 def _text_entries(options, prefix: str) -> list[tuple]:
     t = options.text
     out = [
-        ("text/token_embed/embedding", f"{prefix}token_embedding.weight", _COPY[0]),
-        ("text/pos_embed", f"{prefix}positional_embedding", _COPY[0]),
+        ("text/token_embed/embedding", f"{prefix}token_embedding.weight", COPY[0]),
+        ("text/pos_embed", f"{prefix}positional_embedding", COPY[0]),
     ]
     for i in range(t.depth):
         out += _resblock(
@@ -601,7 +601,7 @@ def _text_entries(options, prefix: str) -> list[tuple]:
     if t.projection == "linear" and t.projection_bias:  # an nn.Linear
         out += _linear("text_proj", f"{prefix}text_projection")
     elif t.projection == "linear":  # a parameter used as x @ proj
-        out.append(("text_proj/kernel", f"{prefix}text_projection", _COPY[0]))
+        out.append(("text_proj/kernel", f"{prefix}text_projection", COPY[0]))
     return out
 
 

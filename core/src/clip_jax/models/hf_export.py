@@ -1,0 +1,200 @@
+"""Writing the ``clip`` architecture as a transformers folder (``clipctl export --format hf``).
+
+The tensors, ``config.json``, the run's tokenizer and ``preprocessor_config.json``, so
+that ``AutoModel`` and ``AutoProcessor`` load it and give our embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clip_jax.models.hf_format import ACTIVATIONS_OUT, entries, layout_of, packed_attention
+from clip_jax.models.weight_layout import unstack_scanned
+
+
+def write_folder(
+    params: dict[str, np.ndarray], spec, tokenizer_file: Path | None, out: Path
+) -> None:
+    """Export: model.safetensors + config.json + tokenizer + processor files in ``out``."""
+    from safetensors.numpy import save_file
+
+    options = spec.model
+    layout = layout_of(options)
+    params = unstack_scanned(dict(params))
+    tensors = {}
+    for ours, theirs, (_, to_theirs) in entries(options, layout):
+        if ours == "logit_bias" and ours not in params:  # trained without a bias
+            params[ours] = np.zeros((), np.float32)
+        tensors[theirs] = np.array(to_theirs(np.asarray(params[ours], np.float32)))
+    if layout == "siglip":
+        packed: dict[str, list] = {}
+        for ours, theirs, _, (_, to_theirs) in packed_attention(options):
+            packed.setdefault(theirs, []).append(to_theirs(np.asarray(params[ours], np.float32)))
+        tensors |= {k: np.concatenate(v, axis=0) for k, v in packed.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    eos = _write_tokenizer(spec, tokenizer_file, out, layout, tensors)
+    save_file(
+        {k: np.array(v, np.float32, order="C") for k, v in tensors.items()},
+        out / "model.safetensors",
+    )
+    config = _config(options, layout, eos)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(_processor_config(spec, layout), indent=2)
+    )
+
+
+def _config(options, layout: str, eos: int | None) -> dict[str, Any]:
+    v, t = options.vision, options.text
+
+    def tower(o) -> dict[str, Any]:
+        return {
+            "hidden_size": o.width,
+            "intermediate_size": o.mlp_dim or int(o.width * o.mlp_ratio),
+            "num_hidden_layers": o.depth,
+            "num_attention_heads": o.heads,
+            "hidden_act": ACTIVATIONS_OUT[o.activation],
+            "layer_norm_eps": o.norm_eps,
+            "attention_dropout": 0.0,
+        }
+
+    vision = {**tower(v), "image_size": v.image_size, "patch_size": v.patch_size, "num_channels": 3}
+    text = {**tower(t), "vocab_size": t.vocab_size, "max_position_embeddings": t.context_length}
+    if eos is not None:
+        text |= {"eos_token_id": eos, "bos_token_id": eos, "pad_token_id": t.pad_id or 0}
+    if layout == "clip":
+        return {
+            "architectures": ["CLIPModel"],
+            "model_type": "clip",
+            "projection_dim": options.embed_dim,
+            "vision_config": {**vision, "model_type": "clip_vision_model"},
+            "text_config": {**text, "model_type": "clip_text_model"},
+        }
+    return {
+        "architectures": ["SiglipModel"],
+        "model_type": "siglip",
+        "vision_config": {**vision, "model_type": "siglip_vision_model", "vision_use_head": True},
+        "text_config": {
+            **text,
+            "model_type": "siglip_text_model",
+            "projection_size": options.embed_dim,
+        },
+    }
+
+
+def _processor_config(spec, layout: str) -> dict[str, Any]:
+    pre, size = spec.preprocess, spec.model.vision.image_size
+    processor = "SiglipProcessor" if layout == "siglip" else "CLIPProcessor"
+    common = {
+        "processor_class": processor,
+        "do_resize": True,
+        "resample": 3 if pre.interpolation == "bicubic" else 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(pre.mean),
+        "image_std": list(pre.std),
+        "do_convert_rgb": True,
+    }
+    if pre.resize == "crop":
+        return {
+            **common,
+            "image_processor_type": "CLIPImageProcessor",
+            "size": {"shortest_edge": size},
+            "do_center_crop": True,
+            "crop_size": {"height": size, "width": size},
+        }
+    return {
+        **common,
+        "image_processor_type": "SiglipImageProcessor",
+        "size": {"height": size, "width": size},
+    }
+
+
+def _write_tokenizer(
+    spec, tokenizer_file: Path | None, out: Path, layout: str, tensors
+) -> int | None:
+    """Copy the run's tokenizer into ``out``; returns the end-of-text id transformers should use.
+
+    transformers' CLIP reads the text at the first end-of-text token, except for an id of
+    2, which it treats as an old config and replaces by the argmax of the ids. Our BPE's
+    end token is id 2, so the export swaps it with the tokenizer's last id, in the
+    tokenizer and in the token embedding rows alike.
+    """
+    if tokenizer_file is None:
+        return None
+    text = spec.model.text
+    if spec.tokenizer.name == "sentencepiece":
+        shutil.copyfile(tokenizer_file, out / "tokenizer.json")
+        return None
+    vocab = json.loads(Path(tokenizer_file).read_text())
+    eos = _end_token_id(vocab)
+    if layout == "clip" and eos == 2:
+        last = _max_id(vocab)
+        _swap_ids(vocab, 2, last)
+        table = tensors["text_model.embeddings.token_embedding.weight"]
+        table[[2, last]] = table[[last, 2]]
+        eos = last
+    (out / "tokenizer.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    pad = text.pad_id if text.pad_id is not None else 0
+    tokens = {t["id"]: t["content"] for t in vocab.get("added_tokens", [])}
+    pad_token = tokens.get(pad) or _token_of(vocab, pad)
+    eos_token = tokens.get(eos) or _token_of(vocab, eos)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": text.context_length,
+        "pad_token": pad_token,
+        "eos_token": eos_token,
+        "padding_side": "right",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return eos
+
+
+def _end_token_id(vocab: dict) -> int | None:
+    """The id the post-processor appends last (the end-of-text token)."""
+    post = vocab.get("post_processor") or {}
+    single = post.get("single") or []
+    for piece in reversed(single):
+        special = piece.get("SpecialToken")
+        if special:
+            return int(post["special_tokens"][special["id"]]["ids"][0])
+    for key in ("sep", "eos"):
+        if key in post:
+            return int(post[key][1])
+    return None
+
+
+def _max_id(vocab: dict) -> int:
+    ids = list(vocab["model"]["vocab"].values()) + [t["id"] for t in vocab.get("added_tokens", [])]
+    return max(ids)
+
+
+def _token_of(vocab: dict, token_id: int) -> str | None:
+    for token, i in vocab["model"]["vocab"].items():
+        if i == token_id:
+            return token
+    return None
+
+
+def _swap_ids(vocab: dict, a: int, b: int) -> None:
+    """Exchange two ids everywhere a tokenizer.json names ids."""
+
+    def swap(i: int) -> int:
+        return b if i == a else a if i == b else i
+
+    model = vocab["model"]["vocab"]
+    vocab["model"]["vocab"] = {token: swap(i) for token, i in model.items()}
+    for token in vocab.get("added_tokens", []):
+        token["id"] = swap(token["id"])
+    post = vocab.get("post_processor") or {}
+    for special in (post.get("special_tokens") or {}).values():
+        special["ids"] = [swap(i) for i in special["ids"]]
+    padding = vocab.get("padding")
+    if padding:
+        padding["pad_id"] = swap(padding["pad_id"])
