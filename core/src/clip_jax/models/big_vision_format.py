@@ -40,7 +40,7 @@ import numpy as np
 
 from clip_jax.errors import UserError
 from clip_jax.models.hf_format import tokenizer_pad_id
-from clip_jax.models.weight_layout import stack_scanned
+from clip_jax.models.weight_layout import finish_import
 
 _BLOCK_PARTS = (  # (ours, theirs) inside one encoder block
     ("ln_1/scale", "LayerNorm_0/scale"),
@@ -135,18 +135,10 @@ class BigVisionFormat:
                 tensors, extra, None, _rows
             )
             used.add(extra)
-        init_bias = getattr(spec.loss, "init_bias", None)
-        if "logit_bias" not in params and init_bias is not None:
-            params["logit_bias"] = np.asarray(init_bias, np.float32)
         unused = sorted(
             k for k in tensors if k not in used and k.split("/")[0] in ("img", "txt", "t", "b")
         )
-        if unused:
-            raise UserError(
-                f"{path}: tensor {unused[0]} ({len(unused)} unused in all) has no place in the "
-                "model its shapes describe"
-            )
-        return stack_scanned(params, options), names
+        return finish_import(params, spec, unused, f"the tensor shapes of {path}"), names
 
     def write(self, params, spec, tokenizer_file, out: Path) -> None:
         raise UserError(

@@ -30,8 +30,8 @@ from clip_jax.models.weight_layout import (
     SCALAR_0D,
     attention_out,
     convert,
+    finish_import,
     split_heads,
-    stack_scanned,
     tensor,
 )
 from clip_jax.schemas import CLIP_MEAN, CLIP_STD
@@ -259,17 +259,9 @@ class HuggingFaceFormat:
                 third = np.split(tensor(tensors, theirs), 3, axis=0)[index]
                 params[ours] = convert({theirs: third}, theirs, to_ours)
                 names[ours] = theirs
-        init_bias = getattr(spec.loss, "init_bias", None)
-        if "logit_bias" not in params and init_bias is not None:  # a sigmoid loss on CLIP
-            params["logit_bias"] = np.asarray(init_bias, np.float32)
         used = set(names.values())
         unused = sorted(k for k in tensors if k not in used and not IGNORED.match(k))
-        if unused:
-            raise UserError(
-                f"{path}: tensor {unused[0]} ({len(unused)} unused in all) has no place in the "
-                "model its config.json describes"
-            )
-        return stack_scanned(params, options), names
+        return finish_import(params, spec, unused, f"{path / 'config.json'}"), names
 
     def write(
         self, params: dict[str, np.ndarray], spec, tokenizer_file: Path | None, out: Path
