@@ -25,6 +25,7 @@ BUILTINS = {
     "data_source": {"tfrecord", "synthetic"},
     "tokenizer": {"bpe", "sentencepiece"},
     "optimizer": {"adamw"},
+    "head": {"contrastive", "image_classification", "text_classification", "lit"},
 }
 
 

@@ -292,6 +292,7 @@ def test_to_dict_orders_sections_and_drops_none():
         "run",
         "model",
         "loss",
+        "head",
         "optimizer",
         "train",
         "data",

@@ -86,7 +86,7 @@ def test_eval_command_and_refusal_through_the_cli(small_run):
     assert metrics["zero_shot_top1"] == pytest.approx(final["zero_shot_top1"])
 
     changed = runner.invoke(cli, [*spec_args, "optimizer.learning_rate=0.5"])
-    assert changed.exit_code == 1
+    assert changed.exit_code == 2  # the user's to fix: exit 2, as for a bad spec
     assert "optimizer.learning_rate" in changed.output and "--force" in changed.output
 
 

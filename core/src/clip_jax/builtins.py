@@ -17,7 +17,11 @@ def register_architectures(register):
         options=schemas.ClipOptions,
         description="CLIP: ViT image tower + causal transformer text tower, linear projections",
         presets=CLIP_PRESETS,
-        formats={"hf": "clip_jax.models.hf_format:HF_FORMAT"},
+        formats={
+            "hf": "clip_jax.models.hf_format:HF_FORMAT",
+            "open_clip": "clip_jax.models.open_clip_format:OPEN_CLIP_FORMAT",
+            "big_vision": "clip_jax.models.big_vision_format:BIG_VISION_FORMAT",
+        },
     )
 
 

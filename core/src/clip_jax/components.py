@@ -40,6 +40,16 @@ class Components:
         return self.head.attach(model, self.spec.model.architecture)
 
     @cached_property
+    def classifier(self):
+        """jit-compiled (params, inputs) -> the head's logits, for evaluation; or None."""
+        classify = self.head.classify(self.model)
+        if classify is None:
+            return None
+        import jax
+
+        return jax.jit(classify)
+
+    @cached_property
     def train_options(self):
         """``train``, with the head's freeze patterns after the spec's own."""
         train = self.spec.train
@@ -49,11 +59,11 @@ class Components:
     def check(self) -> None:
         """What the head needs from the spec, before any data is read or step is run."""
         if self.head.towers or self.head.module is not None:
-            self.model  # attaching the head checks the towers it reads
+            _ = self.model  # attaching the head checks the towers it reads
         if self.head.needs_labels and not getattr(self.spec.data, "label_key", None):
             raise UserError(
                 f"data.label_key: head {self.spec.head.name!r} trains on the records' integer "
-                "labels; set data.label_key to their int64 feature (e.g. \"label\")"
+                'labels; set data.label_key to their int64 feature (e.g. "label")'
             )
 
     @cached_property

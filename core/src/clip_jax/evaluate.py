@@ -1,4 +1,5 @@
-"""Evaluators: zero-shot classification and image-text retrieval on a validation split.
+"""Evaluators: zero-shot classification, image-text retrieval and (for a run with a
+classification head) the head's accuracy on a validation split.
 
 They take two encoding callables (numpy in, L2-normalised numpy embeddings out), so the
 trainer, ``clipctl eval`` and ``clip_jax.load`` all share one implementation.
@@ -68,6 +69,16 @@ def retrieval(img_emb_NxD: np.ndarray, txt_emb_NxD: np.ndarray, captions: Sequen
     return results
 
 
+def head_accuracy(scores_NxC: np.ndarray, labels_N: np.ndarray) -> dict:
+    """A classification head's top-1 (and top-5, with at least 5 classes) accuracy."""
+    top_NxK = np.argsort(-scores_NxC, axis=1)[:, :5]
+    hits_NxK = top_NxK == labels_N[:, None]
+    results = {"head_top1": float(hits_NxK[:, 0].mean())}
+    if scores_NxC.shape[1] >= 5:
+        results["head_top5"] = float(hits_NxK.any(axis=1).mean())
+    return results
+
+
 def evaluate(
     batches: Iterable,
     encode_images: EncodeImages,
@@ -77,9 +88,14 @@ def evaluate(
     zero_shot_enabled: bool = True,
     retrieval_enabled: bool = True,
     max_examples: int | None = None,
+    head_scores: Callable[[object], np.ndarray] | None = None,
 ) -> dict:
-    """Run the enabled evaluators over validation batches (``pipeline.Batch`` objects)."""
-    img, txt, labels, captions = [], [], [], []
+    """Run the enabled evaluators over validation batches (``pipeline.Batch`` objects).
+
+    ``head_scores``: a batch -> its classification head's scores (N x classes); the
+    head's accuracy is measured on the examples that have a label.
+    """
+    img, txt, labels, captions, scores = [], [], [], [], []
     for batch in batches:
         img.append(encode_images(batch.images))
         captions += batch.captions
@@ -87,6 +103,8 @@ def evaluate(
             txt.append(encode_texts(batch.captions))
         if batch.labels is not None:
             labels.append(batch.labels)
+            if head_scores is not None:
+                scores.append(head_scores(batch))
         if max_examples and len(captions) >= max_examples:
             break
     if not captions:
@@ -101,4 +119,8 @@ def evaluate(
         results |= zero_shot(img_emb_NxD[known], labels_N[known], class_emb)
     if retrieval_enabled:
         results |= retrieval(img_emb_NxD, np.concatenate(txt)[:limit], captions[:limit])
+    if scores:
+        labels_N = np.concatenate(labels)[:limit]
+        known = labels_N >= 0
+        results |= head_accuracy(np.concatenate(scores)[:limit][known], labels_N[known])
     return results

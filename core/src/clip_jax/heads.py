@@ -10,7 +10,8 @@ A head is chosen in the ``[head]`` table (``name``) and registered through
 - ``needs_labels``: the train step receives the records' integer labels;
 - ``objective(model, loss_fn)``: ``(params, images, tokens, labels, dropout_rng) ->
   (loss, metrics)``, differentiated by the train step;
-- ``classify(model)``: ``(params, inputs) -> logits`` for evaluation, or None.
+- ``classify(model)``: ``(params, inputs) -> logits`` for evaluation, or None; the
+  inputs are images or tokens as ``tower`` says ("vision" or "text").
 
 ``contrastive`` (the default) is no head at all: the run trains exactly as without a
 ``[head]`` table.
@@ -61,6 +62,7 @@ class Head:
     name = "contrastive"
     module: nn.Module | None = None
     towers: tuple[str, ...] = ()  # the towers it reads: the model must have them
+    tower: str | None = None  # what ``classify`` reads: "vision" (images) or "text" (tokens)
     freeze: tuple[str, ...] = ()
     needs_labels = False
     num_classes: int | None = None

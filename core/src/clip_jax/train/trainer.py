@@ -39,6 +39,13 @@ def run_evaluation(
     size = spec.eval.batch_size
     encode_images = padded_encoder(encoders[0], params, size)
     encode_tokens = padded_encoder(encoders[1], params, size)
+    head_scores = None
+    if comps.classifier is not None:  # a classification head: its accuracy too
+        classify = padded_encoder(comps.classifier, params, size)
+        if comps.head.tower == "text":
+            head_scores = lambda batch: classify(tokenizer(batch.captions))
+        else:
+            head_scores = lambda batch: classify(batch.images)
     dataset = pipeline.make_dataset(
         source.validation_files,
         image_size=spec.model.vision.image_size,
@@ -58,6 +65,7 @@ def run_evaluation(
         zero_shot_enabled=spec.eval.zero_shot,
         retrieval_enabled=spec.eval.retrieval,
         max_examples=spec.eval.max_examples,
+        head_scores=head_scores,
     )
 
 
@@ -92,13 +100,15 @@ def load_tokenizer(comps: Components, folder: RunFolder, train_files: Sequence[s
 def train(spec: RunSpec, force: bool = False, stream: TextIO | None = None) -> dict[str, Any]:
     """Train (or resume) the run described by ``spec``; returns the final evaluation."""
     distributed.initialize(spec.distributed)
+    comps = components(spec)
+    comps.check()  # what a head needs (towers, labels): refused before the folder is written
     folder = RunFolder(spec.run.output_dir, writable=distributed.is_main())
     check_run_folder(folder, spec, force)
     folder.write_spec(spec_lib.to_toml(spec))
     total = spec.train.steps
     folder.write_status("running", step=0, steps=total)
     try:
-        return _train(spec, folder, stream)
+        return _train(comps, folder, stream)
     except KeyboardInterrupt:
         if folder.status().get("state") != "interrupted":  # a second Ctrl-C
             folder.write_status("interrupted", step=_last_step(folder), steps=total)
@@ -108,24 +118,33 @@ def train(spec: RunSpec, force: bool = False, stream: TextIO | None = None) -> d
         raise
 
 
-def _warm_start(spec: RunSpec, tx, abstract, shardings, layout):
-    """A step-0 state whose parameters come from ``train.init_from``, with fresh moments."""
+def _warm_start(spec: RunSpec, tx, init, abstract, shardings, layout):
+    """A step-0 state whose parameters come from ``train.init_from``, with fresh moments;
+    head parameters that the source lacks start as a fresh run's would. Also returns
+    whether it initialised any."""
     from clip_jax.train.warm_start import warm_params
 
+    used = []
+
+    def fresh_head():  # jit keeps only the head's share of the init: nothing else is made
+        used.append(True)
+        head = jax.jit(lambda rng: {"head": init(rng)["params"]["head"]})
+        return jax.device_get(head(jax.random.key(spec.run.seed)))
+
     params = warm_params(
-        spec.train.init_from, spec, abstract["params"], shardings["params"], layout
+        spec.train.init_from, spec, abstract["params"], shardings["params"], layout, fresh_head
     )
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     step = jax.make_array_from_callback((), shardings["step"], lambda _: np.zeros((), np.int32))
-    return {"step": step, "params": params, "opt_state": opt_state}
+    return {"step": step, "params": params, "opt_state": opt_state}, bool(used)
 
 
 def _last_step(folder: RunFolder) -> int:
     return max((r.get("step", 0) for r in folder.metrics()), default=0)
 
 
-def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str, Any]:
-    comps = components(spec)
+def _train(comps: Components, folder: RunFolder, stream: TextIO | None) -> dict[str, Any]:
+    spec = comps.spec
     total, batch_size = spec.train.steps, spec.train.batch_size
     layout = comps.layout
     if batch_size % (layout.batch_divisor * jax.process_count()):
@@ -144,15 +163,16 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
         tx, schedule = comps.optimizer()
         model = comps.model
         init, abstract, shardings = state_shardings(model, tx, layout, spec)
-        param_groups.check(spec.train, abstract["params"])
+        param_groups.check(comps.train_options, abstract["params"])
         checkpoints = Checkpoints(
             folder.checkpoints, spec.train.keep_checkpoints, spec.train.checkpoint_every
         )
         latest = checkpoints.latest_step()
         if latest is None:
             if spec.train.init_from:  # no random init first: one state in memory, not two
-                state = _warm_start(spec, tx, abstract, shardings, layout)
-                progress.message(f"parameters from {spec.train.init_from}")
+                state, fresh = _warm_start(spec, tx, init, abstract, shardings, layout)
+                fresh_head = " (head/ initialised fresh)" if fresh else ""
+                progress.message(f"parameters from {spec.train.init_from}{fresh_head}")
             else:
                 state = create_state(init, shardings, spec.run.seed)
             data_state = {"positions": [0] * source.keys.readers, "skipped": 0}
@@ -178,7 +198,14 @@ def _train(spec: RunSpec, folder: RunFolder, stream: TextIO | None) -> dict[str,
             state,
             data_state,
             make_train_step(
-                model, comps.loss.fn, tx, schedule, shardings, layout, seed=spec.run.seed
+                model,
+                comps.loss.fn,
+                tx,
+                schedule,
+                shardings,
+                layout,
+                seed=spec.run.seed,
+                objective=comps.head.objective(model, comps.loss.fn),
             ),
             encoders,
         )
@@ -201,7 +228,7 @@ def _loop(
 ) -> dict[str, Any]:
     spec = comps.spec
     total, batch_size = spec.train.steps, spec.train.batch_size
-    layout, keys = comps.layout, comps.data.keys
+    layout, keys, head = comps.layout, comps.data.keys, comps.head
     step = int(state["step"])
     # Checkpoints before data.readers existed hold a single "position".
     positions = data_state.get("positions", [data_state.get("position", 0)])
@@ -216,6 +243,7 @@ def _loop(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         preprocess=spec.preprocess,
+        labels=head.needs_labels,
     )
     image_sharding, token_sharding = layout.batch_sharding(4), layout.batch_sharding(2)
     results: dict[str, Any] = {}
@@ -244,7 +272,13 @@ def _loop(
             tokens = jax.make_array_from_process_local_data(
                 token_sharding, tokenizer(batch.captions)
             )
-            state, metrics = train_step(state, images, tokens)
+            if head.needs_labels:
+                labels = jax.make_array_from_process_local_data(
+                    layout.batch_sharding(1), _checked_labels(batch.labels, head, keys)
+                )
+                state, metrics = train_step(state, images, tokens, labels)
+            else:
+                state, metrics = train_step(state, images, tokens)
             step += 1
             if timer is None:  # the first step includes compilation: time from here on
                 jax.block_until_ready(metrics)
@@ -274,6 +308,16 @@ def _loop(
     results = _evaluate(comps, folder, progress, step, state, tokenizer, encoders)
     folder.write_status("finished", step=step, steps=total)
     return results
+
+
+def _checked_labels(labels: np.ndarray, head, keys) -> np.ndarray:
+    """The batch's labels as int32; a label the head has no class for is an error."""
+    if head.num_classes is not None and labels.size and labels.max() >= head.num_classes:
+        raise UserError(
+            f"head.num_classes is {head.num_classes}, but the data's {keys.label_key!r} "
+            f"feature holds label {int(labels.max())}: raise head.num_classes"
+        )
+    return labels.astype(np.int32)
 
 
 def _stop_agreed(requested: bool, sync_point: bool) -> bool:

@@ -9,6 +9,7 @@ parameter, because silently re-initialising part of a model loses work.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +47,28 @@ def _side(tokens: int) -> int | None:
 
 
 def fit_params(
-    source: Any, target: Any, prefix: int, source_names: dict[str, str] | None = None
+    source: Any,
+    target: Any,
+    prefix: int,
+    source_names: dict[str, str] | None = None,
+    fresh_head: Callable[[], Any] | None = None,
 ) -> Any:
     """``source`` parameters with ``target``'s tree and shapes (``target`` may be abstract).
 
     ``source_names`` (our name -> the checkpoint's tensor name) makes errors name the
-    tensor of a published checkpoint.
+    tensor of a published checkpoint. ``fresh_head`` gives ``{"head": ...}``, freshly
+    initialised: a downstream head's parameters (``head/...``) that the source lacks
+    come from it (called only then); any other missing parameter is an error.
     """
     source_names = source_names or {}
     flat_source = dict(jax.tree_util.tree_leaves_with_path(source))
     flat_target = jax.tree_util.tree_leaves_with_path(target)
-    missing = [param_name(p) for p, _ in flat_target if p not in flat_source]
+    absent = [param_name(p) for p, _ in flat_target if p not in flat_source]
+    missing = [n for n in absent if fresh_head is None or not n.startswith("head/")]
     if missing:
         raise UserError(f"the checkpoint has no {', '.join(missing[:5])}: different models")
+    if absent:  # head parameters only: a new head on a trained model
+        flat_source |= dict(jax.tree_util.tree_leaves_with_path(fresh_head()))
     fitted = []
     for path, want in flat_target:
         have = flat_source[path]
@@ -114,9 +124,16 @@ def params_of_run(
     return jax.tree.map(np.asarray, to_host(params)), spec, step
 
 
-def warm_params(init_from: str, spec, abstract_params: Any, shardings: Any, layout: Any) -> Any:
+def warm_params(
+    init_from: str,
+    spec,
+    abstract_params: Any,
+    shardings: Any,
+    layout: Any,
+    fresh_head: Callable[[], Any] | None = None,
+) -> Any:
     """Another run's (or a published checkpoint's) parameters, fitted to ``spec``'s model
-    and placed on its shardings."""
+    and placed on its shardings (head parameters it lacks from ``fresh_head``)."""
     from clip_jax import pretrained
 
     names = None
@@ -124,7 +141,7 @@ def warm_params(init_from: str, spec, abstract_params: Any, shardings: Any, layo
         source, names = pretrained.read_params(init_from, spec)
     else:
         source, _, _ = params_of_run(init_from, layout=layout)
-    fitted = fit_params(source, abstract_params, class_token_rows(spec), names)
+    fitted = fit_params(source, abstract_params, class_token_rows(spec), names, fresh_head)
     return jax.tree.map(
         lambda value, sharding: jax.make_array_from_callback(
             value.shape, sharding, lambda index: value[index]
