@@ -57,7 +57,8 @@ class Components:
         return train.model_copy(update={"freeze": [*train.freeze, *extra]}) if extra else train
 
     def check(self) -> None:
-        """What the head needs from the spec, before any data is read or step is run."""
+        """What the head and the parameter groups need from the spec, before the run
+        folder is written, any data is read or any step is run."""
         if self.head.towers or self.head.module is not None:
             _ = self.model  # attaching the head checks the towers it reads
         if self.head.needs_labels and not getattr(self.spec.data, "label_key", None):
@@ -65,6 +66,12 @@ class Components:
                 f"data.label_key: head {self.spec.head.name!r} trains on the records' integer "
                 'labels; set data.label_key to their int64 feature (e.g. "label")'
             )
+        options = self.train_options
+        if options.freeze or options.lr_scale or options.layer_decay is not None:
+            from clip_jax.train import param_groups
+            from clip_jax.train.state import param_shapes
+
+            param_groups.check(options, param_shapes(self.model, self.spec))
 
     @cached_property
     def layout(self):

@@ -62,10 +62,10 @@ def retrieval(img_emb_NxD: np.ndarray, txt_emb_NxD: np.ndarray, captions: Sequen
     scores_NxN = img_emb_NxD @ txt_emb_NxD.T
     results = {}
     for name, scores in (("i2t", scores_NxN), ("t2i", scores_NxN.T)):
-        top_NxK = np.argsort(-scores, axis=1)[:, :5]
+        top_NxK = np.argsort(-scores, axis=1)[:, :10]
         hits_NxK = caption_ids_N[top_NxK] == caption_ids_N[:, None]
-        results[f"retrieval_{name}_r1"] = float(hits_NxK[:, 0].mean())
-        results[f"retrieval_{name}_r5"] = float(hits_NxK.any(axis=1).mean())
+        for k in (1, 5, 10):
+            results[f"retrieval_{name}_r{k}"] = float(hits_NxK[:, :k].any(axis=1).mean())
     return results
 
 

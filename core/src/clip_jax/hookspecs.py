@@ -50,7 +50,14 @@ def register_sharding_strategies(register):
 
 @hookspec
 def register_heads(register):
-    """Register downstream heads (classification, text fine-tuning, LiT...)."""
+    """Register downstream heads (classification, text fine-tuning, LiT...), chosen by
+    ``head.name``.
+
+    The factory is ``factory(options)`` and returns a ``clip_jax.heads.Head`` (subclass
+    it): its Flax ``module`` (parameters under ``head/``), the ``towers`` it reads, the
+    ``freeze`` patterns it adds, whether it ``needs_labels``, its ``objective`` for the
+    train step and ``classify`` for evaluation. ``contrastive`` (no head) is the default.
+    """
 
 
 @hookspec

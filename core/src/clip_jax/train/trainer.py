@@ -23,7 +23,6 @@ from clip_jax.errors import UserError
 from clip_jax.evaluate import evaluate, padded_encoder
 from clip_jax.run_folder import RunFolder, RunFolderConflict, check_run_folder  # noqa: F401
 from clip_jax.spec import RunSpec
-from clip_jax.train import param_groups
 from clip_jax.train.checkpoint import Checkpoints
 from clip_jax.train.progress import Progress
 from clip_jax.train.signals import StopRequest
@@ -163,7 +162,6 @@ def _train(comps: Components, folder: RunFolder, stream: TextIO | None) -> dict[
         tx, schedule = comps.optimizer()
         model = comps.model
         init, abstract, shardings = state_shardings(model, tx, layout, spec)
-        param_groups.check(comps.train_options, abstract["params"])
         checkpoints = Checkpoints(
             folder.checkpoints, spec.train.keep_checkpoints, spec.train.checkpoint_every
         )
