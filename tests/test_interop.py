@@ -312,3 +312,22 @@ def test_siglip_sentencepiece_tokenizer_comes_along(hf_folders, tmp_path):
     np.testing.assert_array_equal(loaded.tokenizer(texts), np.asarray(ids))
     _, want_texts = hf_embeddings(reference, np.zeros((1, 32, 32, 3), np.float32), np.asarray(ids))
     assert np.abs(loaded.encode_texts(texts) - want_texts).max() <= TOL
+
+
+def test_bfloat16_checkpoints_import(hf_folders, tmp_path):
+    """Many published checkpoints are bfloat16: read without torch, computed in float32."""
+    import shutil
+
+    import clip_jax
+
+    folder, reference = hf_folders["clip"]
+    rounded = tiny_hf_model("clip").to(torch.bfloat16)
+    rounded.save_pretrained(tmp_path / "bf16")
+    shutil.copy(folder / "tokenizer.json", tmp_path / "bf16")
+    header = pretrained.read_tensors(tmp_path / "bf16")
+    assert str(header["logit_scale"].dtype) == "bfloat16"
+    loaded = clip_jax.load(f"hf:{tmp_path / 'bf16'}")
+    images, ids = inputs("clip")
+    want_images, want_texts = hf_embeddings(rounded.float(), images, ids)
+    assert np.abs(loaded.encode_images(images) - want_images).max() <= TOL
+    assert np.abs(loaded._tokens(ids) - want_texts).max() <= TOL

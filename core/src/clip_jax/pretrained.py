@@ -155,15 +155,34 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     raise UserError(f"{path}: not a checkpoint file (.safetensors, .bin, .pt)")
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+def _safetensors_dtypes() -> dict[str, Any]:
+    import ml_dtypes  # numpy has no bfloat16; jax's own dependency gives it
 
-    tensors = {}
+    return {
+        "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+        "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+        "BOOL": np.bool_,
+    }  # fmt: skip
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file (the format is a JSON header, then raw bytes),
+    bfloat16 included, which safetensors' own numpy reader cannot give."""
+    dtypes = _safetensors_dtypes()
     try:
-        with safe_open(str(path), framework="numpy") as file:
-            for key in file.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                tensors[key] = file.get_tensor(key)
-    except Exception as exc:  # safetensors raises its own error types
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+        size = int.from_bytes(data[:8].tobytes(), "little")
+        header = json.loads(data[8 : 8 + size].tobytes())
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = (8 + size + offset for offset in info["data_offsets"])
+            if not 8 + size <= start <= end <= len(data):
+                raise ValueError(f"tensor {name} lies outside the file")
+            raw = np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]])
+            tensors[name] = raw.reshape(info["shape"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path} is not a readable safetensors file: {exc}") from None
     return tensors
 
