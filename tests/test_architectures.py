@@ -93,6 +93,7 @@ COMBINATIONS = {  # together, every option value of both towers at least once
 
 
 @pytest.mark.parametrize("name", list(COMBINATIONS))
+@pytest.mark.slow
 def test_combination_trains_forward_and_backward(name):
     vision, text = COMBINATIONS[name]
     spec = spec_for(vision, text)
@@ -144,6 +145,7 @@ def test_options_create_the_parameters_they_describe():
     assert "text_proj" not in params and "vision_proj" in params
 
 
+@pytest.mark.slow
 def test_dropout_only_when_training():
     spec = spec_for({"dropout": 0.5}, {"dropout": 0.5})
     plain = build_clip(spec_for().model, 10.0, None)

@@ -64,6 +64,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("mesh_name", "per_device"), CASES)
+@pytest.mark.slow
 def test_chunked_sigmoid_equals_gathered(mesh_name, per_device):
     layout = make_layout(*MESHES[mesh_name])
     batch = per_device * layout.batch_divisor

@@ -260,6 +260,7 @@ def test_cli_does_not_import_jax_or_tensorflow():
 
 
 # ----------------------------------------------------------------- data synth
+@pytest.mark.slow
 def test_data_synth(runner, tmp_path):
     out = tmp_path / "synth"
     args = ["data", "synth", str(out), "--train-examples", "64", "--validation-examples", "32"]

@@ -91,6 +91,7 @@ def test_image_classification_beats_the_zero_shot_of_the_run_it_starts_from(
     assert any(not np.array_equal(before[n], after[n]) for n in before if n.startswith("vision/"))
 
 
+@pytest.mark.slow
 def test_lit_keeps_the_image_tower_bit_identical_and_trains_the_text_tower(
     base, synthetic_dir, tmp_path
 ):
@@ -171,6 +172,7 @@ def test_classification_without_labels_is_refused_before_the_run_folder(syntheti
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_label_beyond_num_classes_stops_before_the_first_step(synthetic_dir, tmp_path):
     spec = load_spec(
         QUICKSTART,

@@ -31,6 +31,7 @@ def analytic_train_flops(spec) -> float:
     return 3 * 2 * macs
 
 
+@pytest.mark.slow
 def test_clip_b32_counts_and_flops():
     spec = load_spec(TEMPLATES["clip-b32"].path, ["data.train=/nowhere/*.tfrecord"])
     facts = model_info(spec)
@@ -42,6 +43,7 @@ def test_clip_b32_counts_and_flops():
     assert facts["param_bytes_per_device"] == facts["param_bytes_total"] == 4 * counts["total"]
 
 
+@pytest.mark.slow
 def test_per_device_bytes_follow_the_strategy_for_devices_not_here():
     spec = load_spec(TEMPLATES["siglip-b16"].path)
     facts = model_info(spec, devices=16)
@@ -50,6 +52,7 @@ def test_per_device_bytes_follow_the_strategy_for_devices_not_here():
     assert 1 / 16 <= share < 1.05 / 16  # every weight matrix is split, a few scalars are not
 
 
+@pytest.mark.slow
 def test_info_command_json_and_errors():
     runner = CliRunner()
     quickstart = str(TEMPLATES["quickstart"].path)

@@ -86,6 +86,7 @@ def inputs(layout: str):
 
 
 @pytest.mark.parametrize("layout", ["clip", "siglip"])
+@pytest.mark.slow
 def test_import_matches_transformers(hf_folders, layout):
     import clip_jax
 
@@ -101,6 +102,7 @@ def test_import_matches_transformers(hf_folders, layout):
     assert loaded.spec.loss.name == ("sigmoid" if layout == "siglip" else "softmax")
 
 
+@pytest.mark.slow
 def test_checkpoint_config_gives_the_spec_defaults(hf_folders):
     folder, _ = hf_folders["siglip"]
     spec = validate(
@@ -204,6 +206,7 @@ def test_missing_or_foreign_checkpoints_name_the_key(tmp_path):
         validate({"train": {"init_from": f"hf:{tmp_path}"}})
 
 
+@pytest.mark.slow
 def test_tensors_that_do_not_fit_are_named(hf_folders, tmp_path):
     from safetensors.numpy import save_file
 
@@ -291,6 +294,7 @@ def test_from_pretrained_template_trains_from_the_checkpoint(hf_folders, synthet
     assert np.abs(clip_jax.load(tmp_path / "ft").encode_images(images) - want_images).max() > TOL
 
 
+@pytest.mark.slow
 def test_siglip_sentencepiece_tokenizer_comes_along(hf_folders, tmp_path):
     """A SigLIP folder whose tokenizer is spiece.model tokenizes as transformers does."""
     import shutil
@@ -314,6 +318,7 @@ def test_siglip_sentencepiece_tokenizer_comes_along(hf_folders, tmp_path):
     assert np.abs(loaded.encode_texts(texts) - want_texts).max() <= TOL
 
 
+@pytest.mark.slow
 def test_bfloat16_checkpoints_import(hf_folders, tmp_path):
     """Many published checkpoints are bfloat16: read without torch, computed in float32."""
     import shutil

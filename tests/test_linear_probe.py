@@ -54,6 +54,7 @@ def reference_fit(features_NxD, labels_N, l2):
 
 
 @pytest.mark.parametrize("l2", [1e-3, 1e-2, 1e-1])
+@pytest.mark.slow
 def test_matches_reference_fit(l2):
     features_NxD, labels_N = blobs(300, seed=1)
     probe = fit_linear_probe(features_NxD, labels_N, C, l2=l2)
@@ -72,6 +73,7 @@ def test_matches_reference_fit(l2):
     np.testing.assert_array_equal(probs_NxC.argmax(axis=1), probe.predict(features_NxD))
 
 
+@pytest.mark.slow
 def test_random_labels_reference_and_chance():
     """No signal: the fit still matches the reference, and test accuracy is chance."""
     rng = np.random.default_rng(2)
@@ -99,6 +101,7 @@ def test_separable_blobs():
     assert set(result) == {"linear_probe_top1", "linear_probe_l2", "linear_probe_train_examples"}
 
 
+@pytest.mark.slow
 def test_l2_choice_is_deterministic():
     """Overlapping blobs, so the grid values differ on the holdout; same input, same pick."""
     rng = np.random.default_rng(3)
@@ -114,6 +117,7 @@ def test_l2_choice_is_deterministic():
     np.testing.assert_array_equal(holdout_split(200)[1], hold_B)
 
 
+@pytest.mark.slow
 def test_single_l2_skips_the_split():
     features_NxD, labels_N = blobs(60, seed=4)
     result = linear_probe(features_NxD, labels_N, features_NxD, labels_N, C, l2_grid=(0.5,))

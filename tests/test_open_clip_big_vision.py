@@ -240,6 +240,7 @@ def open_clip_folders(tmp_path_factory) -> dict:
 
 # ------------------------------------------------------------------ open_clip
 @pytest.mark.parametrize("layout", ["clip", "siglip"])
+@pytest.mark.slow
 def test_open_clip_folder_matches_transformers(open_clip_folders, layout):
     import clip_jax
 
@@ -261,6 +262,7 @@ def test_open_clip_folder_matches_transformers(open_clip_folders, layout):
         assert spec.preprocess.resize == "crop" and spec.preprocess.interpolation == "bicubic"
 
 
+@pytest.mark.slow
 def test_open_clip_training_checkpoint_with_a_bare_config_beside_it(tmp_path):
     """A .pt as open_clip's training writes it ({"state_dict": {"module.…"}}), GELU (not
     quick_gelu: the config does not say so), its model config as FILE's stem + .json."""
@@ -277,6 +279,7 @@ def test_open_clip_training_checkpoint_with_a_bare_config_beside_it(tmp_path):
     assert_parity(loaded, reference, "clip")
 
 
+@pytest.mark.slow
 def test_open_clip_model_names_give_the_presets(open_clip_folders):
     folder, _ = open_clip_folders["clip"]
     ckpt = folder / "open_clip_model.safetensors"
@@ -320,6 +323,7 @@ def test_timm_names_give_the_trunk_sizes(tmp_path):
     assert (v.activation, v.patch_size, v.image_size) == ("gelu_tanh", 16, 384)
 
 
+@pytest.mark.slow
 def test_open_clip_bad_input_names_the_key(open_clip_folders, tmp_path):
     import clip_jax
 
@@ -475,6 +479,7 @@ def big_vision_files(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("scanned", [False, True], ids=["blocks", "scanned"])
+@pytest.mark.slow
 def test_big_vision_npz_matches_transformers(big_vision_files, scanned):
     import clip_jax
 
@@ -500,6 +505,7 @@ def test_big_vision_npz_matches_transformers(big_vision_files, scanned):
     assert np.abs(loaded.encode_texts(texts) - want).max() <= TOL
 
 
+@pytest.mark.slow
 def test_scanned_and_unscanned_files_read_the_same(big_vision_files):
     spec = validate({"train": {"init_from": f"big_vision:{big_vision_files[False]}"}})
     blocks, _ = pretrained.read_params(f"big_vision:{big_vision_files[False]}", spec)
@@ -520,6 +526,7 @@ def test_scanned_and_unscanned_files_read_the_same(big_vision_files):
     assert params["text"]["encoder"]["blocks"]["attn"]["query"]["kernel"].shape == (2, 32, 4, 8)
 
 
+@pytest.mark.slow
 def test_big_vision_bad_input_names_the_key(big_vision_files, tmp_path):
     import clip_jax
 

@@ -48,6 +48,7 @@ def flat(params) -> dict[str, np.ndarray]:
     return {n: np.asarray(x) for n, x in param_groups.named_leaves(jax.device_get(params))}
 
 
+@pytest.mark.slow
 def test_frozen_params_stay_bit_identical_and_have_no_optimizer_state():
     """vision frozen, text at lr scale 0: neither moves, the heads do; only vision's
     moments are gone (lr scale 0 keeps its state: freeze is what saves the memory).

@@ -30,6 +30,7 @@ def count(tree) -> int:
 
 
 @pytest.mark.parametrize("preset", list(OPEN_CLIP_COUNTS))
+@pytest.mark.slow
 def test_preset_matches_open_clip(preset):
     name, total = OPEN_CLIP_COUNTS[preset]
     loss = "sigmoid" if preset.startswith("siglip") else "softmax"

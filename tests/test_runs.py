@@ -364,6 +364,7 @@ def test_resume_starts_where_relative_paths_were_meant(tmp_path, monkeypatch):
     assert not (run / runs.LAUNCH_LOG).exists()
 
 
+@pytest.mark.slow
 def test_evaluate_reports_a_failure(tmp_path):
     with pytest.raises(RuntimeError, match="evaluating .* failed"):
         runs.evaluate(tmp_path / "nothing-here", timeout=120)

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from clip_jax.losses import sigmoid_loss
 from clip_jax.models.clip import build_clip
@@ -60,6 +61,7 @@ def test_scanned_program_does_not_grow_with_depth():
     assert sizes[2] == sizes[12]
 
 
+@pytest.mark.slow
 def test_scan_computes_what_the_loop_computes():
     spec, loop = model_for()
     images, tokens = inputs(spec)
@@ -80,6 +82,7 @@ def test_scan_computes_what_the_loop_computes():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_policies_change_nothing_in_the_numbers():
     scan = True  # the combination large models use; the loop form shares the policies
     results = {}
@@ -99,6 +102,7 @@ def test_remat_policies_change_nothing_in_the_numbers():
         )
 
 
+@pytest.mark.slow
 def test_map_pooling_and_registers_train_forward_and_backward():
     spec, plain = model_for()
     images, tokens = inputs(spec)

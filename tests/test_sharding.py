@@ -105,6 +105,7 @@ CASES = [(s, "sigmoid") for s in STRATEGIES] + [("fsdp_tp", "softmax")]
 
 
 @pytest.mark.parametrize(("strategy", "loss"), CASES)
+@pytest.mark.slow
 def test_loss_and_gradients_match_a_single_device(strategy, loss, single_device_reference):
     ref_params, ref_value, ref_grads = single_device_reference[loss]
     spec, comps = build(strategy, STRATEGIES[strategy], loss)
@@ -125,6 +126,7 @@ def spec_of(array) -> PartitionSpec:
 
 
 @pytest.mark.parametrize("strategy", ["dp", "fsdp_tp"])
+@pytest.mark.slow
 def test_state_is_created_sharded_as_the_strategy_says(strategy):
     spec, comps = build(strategy, STRATEGIES[strategy])
     tx, _ = comps.optimizer()
@@ -165,6 +167,7 @@ def test_a_split_that_does_not_divide_is_a_clear_error():
         state_shardings(comps.model, tx, comps.layout, spec)
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_under_one_mesh_restores_under_another(tmp_path):
     spec, dp4 = build("dp", ["sharding.mesh.data=4"], devices=jax.devices()[:4])
     tx, schedule = dp4.optimizer()

@@ -19,6 +19,7 @@ def train_lines(folder: RunFolder) -> list[dict]:
     return [r for r in folder.metrics() if r["split"] == "train"]
 
 
+@pytest.mark.slow
 def test_short_run_lowers_loss_and_fills_the_run_folder(small_run):
     spec = load_spec(QUICKSTART, small_run + ["train.steps=40", "train.checkpoint_every=20"])
     results = train(spec)
@@ -45,6 +46,7 @@ def test_short_run_lowers_loss_and_fills_the_run_folder(small_run):
     assert folder.status()["state"] == "finished"
 
 
+@pytest.mark.slow
 def test_resume_continues_the_step_count_and_data_position(small_run):
     spec = load_spec(QUICKSTART, small_run + ["train.steps=10", "train.checkpoint_every=10"])
     train(spec)
@@ -65,6 +67,7 @@ def test_resume_continues_the_step_count_and_data_position(small_run):
     assert steps == [5, 10, 15, 20]
 
 
+@pytest.mark.slow
 def test_eval_command_and_refusal_through_the_cli(small_run):
     from click.testing import CliRunner
 

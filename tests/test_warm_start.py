@@ -23,6 +23,7 @@ def tiny(size: int, pool: str):
 
 
 @pytest.mark.parametrize("pool", ["tok", "gap"])
+@pytest.mark.slow
 def test_resampled_positions_keep_the_outputs_at_a_new_size(pool):
     """A flat image at 32 px and the same image at 64 px (4x the patches) embed alike once
     the positions are resampled; without positions they do not."""
