@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from clip_jax.plugins import get_registry
-from clip_jax.spec import load_spec
+from clip_jax.spec import SpecError, load_spec
 
 TEMPLATES = sorted(get_registry().templates)
 
@@ -59,3 +59,20 @@ def test_the_pod_templates_choose_what_they_say():
     clip = load_spec(templates["clip-b32"].path)
     assert (clip.loss.name, clip.sharding.strategy) == ("softmax", "dp")
     assert clip.model.vision.patch_size == 32 and clip.model.vision.width == 768
+
+
+def test_a_resolved_spec_validates_without_its_source_checkpoint(tmp_path):
+    """Resuming a run started from hf:PATH does not need PATH any more."""
+    from clip_jax.spec import to_toml
+
+    folder = hf_folder(tmp_path / "hf")
+    template = get_registry().templates["from-pretrained"]
+    resolved = tmp_path / "spec.resolved.toml"
+    resolved.write_text(to_toml(load_spec(template.path, [f"train.init_from=hf:{folder}"])))
+    (folder / "config.json").unlink()
+    (folder / "tokenizer.json").unlink()
+    folder.rmdir()
+    spec = load_spec(resolved)
+    assert spec.model.vision.width == 64 and spec.train.init_from == f"hf:{folder}"
+    with pytest.raises(SpecError, match="train.init_from: .*does not exist"):
+        load_spec(template.path, [f"train.init_from=hf:{folder}"])

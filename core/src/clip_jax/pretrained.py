@@ -86,10 +86,24 @@ def with_defaults(raw: Mapping[str, Any], registry: Registry | None = None) -> d
     init_from = train.get("init_from") if isinstance(train, Mapping) else None
     if not isinstance(init_from, str) or parse_ref(init_from) is None:
         return dict(raw)
+    if _is_resolved(raw) and not parse_ref(init_from)[1].exists():
+        # A run folder's own spec (resumed): complete without the checkpoint it started
+        # from, which may be gone; the trainer reads that only for a run with no checkpoint.
+        return dict(raw)
     name, converter, path = find_format(init_from, registry)
     defaults = converter.spec_defaults(path)
     defaults["model"] = {**defaults.get("model", {}), "architecture": name}
     return deep_merge(defaults, raw)
+
+
+def _is_resolved(raw: Mapping[str, Any]) -> bool:
+    """A spec as the trainer writes it: every table filled in, [preprocess] included."""
+    model = raw.get("model")
+    return (
+        isinstance(model, Mapping)
+        and {"architecture", "vision", "text"} <= set(model)
+        and isinstance(raw.get("preprocess"), Mapping)
+    )
 
 
 def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
