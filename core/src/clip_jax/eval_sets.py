@@ -129,19 +129,21 @@ def run_eval_set(
     from clip_jax.data.classes import load_classes
     from clip_jax.data.pipeline import expand_files
 
-    source = model.comps.data
-    keys = source.keys
+    keys = model.spec.data  # the run's record keys; its data source only when needed
+    names: list[str] = []
+    templates = ["a photo of a {}."]
     if data is None:
+        source = model.comps.data
         if not source.validation_files:
             raise UserError("the run has no validation split: pass --data GLOB")
         files, name = list(source.validation_files), "validation"
+        names, templates = list(source.classes), list(source.templates)
     else:
         try:
             files = expand_files(data)
         except FileNotFoundError as exc:
             raise UserError(f"--data: {exc}") from None
         name = Path(str(data if isinstance(data, str) else data[0])).parent.name or "data"
-    names, templates = list(source.classes), list(source.templates)
     if classes:
         names, templates = load_classes(classes)
     return EvalSet(
