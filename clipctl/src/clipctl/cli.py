@@ -194,67 +194,6 @@ def info(spec: str, overrides: tuple[str, ...], devices: int | None, as_json: bo
         click.echo(f"{label:<22} {value}")
 
 
-@cli.command(name="eval")
-@click.argument("run_dir")
-@click.option("--step", type=int, default=None, help="Checkpoint step (default: latest).")
-@click.option(
-    "--data",
-    default=None,
-    help="Labelled tfrecord shards (glob) instead of the run's validation split.",
-)
-@click.option(
-    "--classes",
-    default=None,
-    help="Class names + templates JSON, or 'imagenet' (OpenAI's 1000 names, 80 prompts).",
-)
-@click.option(
-    "--linear-probe", is_flag=True, help="Also fit a logistic regression on frozen embeddings."
-)
-@click.option(
-    "--probe-data",
-    default=None,
-    help="Shards the probe trains on (default: the run's training shards).",
-)
-@click.option("--image-key", default=None, help="Image feature of --data (default: the run's).")
-@click.option(
-    "--label-key", default=None, help="Integer label feature of --data (default: the run's)."
-)
-@click.option("--caption-key", default=None, help="Caption feature of --data ('' for none).")
-@click.option("--max-examples", type=int, default=None, help="Evaluate at most this many examples.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_command(
-    run_dir: str,
-    step: int | None,
-    data: str | None,
-    classes: str | None,
-    linear_probe: bool,
-    probe_data: str | None,
-    image_key: str | None,
-    label_key: str | None,
-    caption_key: str | None,
-    max_examples: int | None,
-    as_json: bool,
-) -> None:
-    """Evaluate a run (or hf:PATH weights): zero-shot accuracy, retrieval recall, linear
-    probe, head accuracy; results are appended to the run's metrics.jsonl."""
-    from clip_jax.errors import UserError
-    from clip_jax.inference import evaluate_run
-
-    try:
-        results = evaluate_run(
-            run_dir, step, data=data, classes=classes, linear_probe=linear_probe,
-            probe_data=probe_data, image_key=image_key, caption_key=caption_key,
-            label_key=label_key, max_examples=max_examples,
-        )  # fmt: skip
-    except UserError as exc:
-        _fail(str(exc), EXIT_SPEC_ERROR)
-    if as_json:
-        click.echo(json.dumps(results))
-        return
-    for key, value in results.items():
-        click.echo(f"{key:<20} {value:.4f}" if isinstance(value, float) else f"{key:<20} {value}")
-
-
 def _run_folder(run_dir: str) -> Path:
     """The run folder RUN, or a one-line error when it is not one."""
     from clip_jax.run_folder import SPEC, STATUS
@@ -450,6 +389,7 @@ def synth(
     )
 
 
+cli.add_command(model_commands.eval_command)
 cli.add_command(model_commands.export_command)
 cli.add_command(model_commands.predict_command)
 
