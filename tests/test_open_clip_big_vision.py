@@ -25,8 +25,8 @@ from clip_jax.spec import SpecError, validate
 torch = pytest.importorskip("torch", reason="parity with transformers needs torch (CPU build)")
 transformers = pytest.importorskip("transformers", reason="needs transformers (parity group)")
 
-VOCAB = 512
-TOL = 1e-4
+from tests.test_interop import TOL, VOCAB, _normalized, hf_embeddings, inputs  # noqa: E402
+
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 CAPTIONS = ["a red circle", "a blue square at the top", "a small green triangle"] * 30
@@ -59,35 +59,9 @@ def state(model) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
-def normalized(features) -> np.ndarray:
-    features = getattr(features, "pooler_output", features).detach().numpy()
-    return features / np.linalg.norm(features, axis=1, keepdims=True)
-
-
-def reference_embeddings(model, images_BxHxWx3: np.ndarray, ids_BxL: np.ndarray):
-    with torch.no_grad():
-        pixels = torch.tensor(images_BxHxWx3).permute(0, 3, 1, 2)
-        images = model.get_image_features(pixel_values=pixels)
-        texts = model.get_text_features(input_ids=torch.tensor(ids_BxL))
-    return normalized(images), normalized(texts)
-
-
-def inputs(layout: str):
-    rng = np.random.default_rng(0)
-    images = rng.normal(size=(3, 32, 32, 3)).astype(np.float32)
-    if layout == "siglip":  # read at the last position, nothing masked: any ids
-        return images, rng.integers(0, VOCAB, size=(3, 16)).astype(np.int32)
-    ids = rng.integers(3, VOCAB - 1, size=(3, 16)).astype(np.int32)
-    for row, end in enumerate((9, 4, 15)):  # end-of-text (the largest id), then padding 0
-        ids[row, end] = VOCAB - 1
-        ids[row, end + 1 :] = 0
-    ids[0, 2] = 0  # CLIP's "!" is id 0: inside a text it is no padding
-    return images, ids
-
-
 def assert_parity(loaded, reference, layout: str) -> dict[str, float]:
     images, ids = inputs(layout)
-    want_images, want_texts = reference_embeddings(reference, images, ids)
+    want_images, want_texts = hf_embeddings(reference, images, ids)
     diffs = {
         "images": float(np.abs(loaded.encode_images(images) - want_images).max()),
         "texts": float(np.abs(loaded._tokens(ids) - want_texts).max()),
@@ -501,7 +475,7 @@ def test_big_vision_npz_matches_transformers(big_vision_files, scanned):
     texts = ["a red circle", "a small green triangle"]
     ids = loaded.tokenizer(texts)
     with torch.no_grad():
-        want = normalized(reference.get_text_features(input_ids=torch.tensor(ids)))
+        want = _normalized(reference.get_text_features(input_ids=torch.tensor(ids)))
     assert np.abs(loaded.encode_texts(texts) - want).max() <= TOL
 
 
