@@ -317,6 +317,31 @@ def test_siglip_sentencepiece_tokenizer_comes_along(hf_folders, tmp_path):
     _, want_texts = hf_embeddings(reference, np.zeros((1, 32, 32, 3), np.float32), np.asarray(ids))
     assert np.abs(loaded.encode_texts(texts) - want_texts).max() <= TOL
 
+    # exported again, its tokenizer is SigLIP's own: transformers reads the same ids
+    from clip_jax.models.hf_export import write_folder
+
+    loaded.tokenizer.save(tmp_path / "saved.json")
+    params = pretrained.flatten(jax_to_numpy(loaded.params))
+    write_folder(params, loaded.spec, tmp_path / "saved.json", tmp_path / "out")
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    out = again(texts, padding="max_length", max_length=16, truncation=True)["input_ids"]
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ids))
+
+
+def jax_to_numpy(tree):
+    import jax
+
+    return jax.tree.map(np.asarray, tree)
+
+
+@pytest.mark.slow
+def test_options_that_change_the_checkpoints_model_are_refused(hf_folders):
+    folder, _ = hf_folders["clip"]
+    for key, value in (("norm_pre", False), ("use_bias", False), ("pool", "gap")):
+        spec = validate({"train": {"init_from": f"hf:{folder}"}, "model": {"vision": {key: value}}})
+        with pytest.raises(UserError, match=f"model.vision.{key}"):
+            pretrained.read_params(f"hf:{folder}", spec)
+
 
 @pytest.mark.slow
 def test_bfloat16_checkpoints_import(hf_folders, tmp_path):

@@ -37,6 +37,7 @@ def test_eval_on_any_labelled_set_with_a_linear_probe(runner, trained_run, synth
         "eval", str(trained_run), "--data", str(synthetic_dir / "validation" / "*.tfrecord"),
         "--classes", str(synthetic_dir / "classes.json"), "--label-key", "label",
         "--caption-key", "", "--linear-probe", "--json",
+        "--probe-data", str(synthetic_dir / "train" / "*.tfrecord"),
     ]  # fmt: skip
     result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
@@ -59,6 +60,11 @@ def test_eval_bad_input_is_exit_2(runner, trained_run, tmp_path):
     assert result.exit_code == 2 and "--data: no files match" in result.stderr
     result = runner.invoke(cli, ["eval", str(trained_run), "--classes", str(tmp_path / "x.json")])
     assert result.exit_code == 2 and "x.json" in result.stderr
+    data = str(tmp_path / "*.tfrecord")
+    result = runner.invoke(cli, ["eval", str(trained_run), "--data", data, "--linear-probe"])
+    assert result.exit_code == 2 and "needs --probe-data" in result.stderr
+    result = runner.invoke(cli, ["eval", f"hf:{tmp_path}"])
+    assert result.exit_code == 2 and "pass --data" in result.stderr
 
 
 @pytest.mark.slow

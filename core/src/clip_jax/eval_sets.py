@@ -106,14 +106,22 @@ def _probe(model, probe_files, eval_set: EvalSet, test: dict, limit: int) -> dic
     if train["labels"] is None:
         raise UserError("the linear probe's training shards have no labels")
     train_known, test_known = train["labels"] >= 0, test["labels"] >= 0
+    if train_known.sum() < 2 or not test_known.any():
+        raise UserError(
+            "the linear probe needs labelled examples on both sides (--label-key names an "
+            "int64 feature the records carry)"
+        )
     classes = int(max(train["labels"].max(), test["labels"].max())) + 1
-    return linear_probe(
-        train["images"][train_known],
-        train["labels"][train_known],
-        test["images"][test_known],
-        test["labels"][test_known],
-        max(classes, len(eval_set.classes)),
-    )
+    try:
+        return linear_probe(
+            train["images"][train_known],
+            train["labels"][train_known],
+            test["images"][test_known],
+            test["labels"][test_known],
+            max(classes, len(eval_set.classes)),
+        )
+    except ValueError as exc:
+        raise UserError(f"linear probe: {exc}") from None
 
 
 def run_eval_set(

@@ -15,6 +15,7 @@ import numpy as np
 
 from clip_jax import spec as spec_lib
 from clip_jax.components import Components, components
+from clip_jax.errors import UserError
 from clip_jax.run_folder import RunFolder
 
 
@@ -161,6 +162,14 @@ def evaluate_run(
     """
     from clip_jax.pretrained import parse_ref
 
+    published = parse_ref(model_ref) is not None
+    if published and not data:
+        raise UserError(f"{model_ref} has no validation split of its own: pass --data GLOB")
+    if linear_probe and (published or data) and not probe_data:
+        raise UserError(
+            "--linear-probe on --data (or published weights) needs --probe-data: the shards "
+            "the probe trains on, read with the same keys"
+        )
     model = load(model_ref, step)
     custom = data or classes or linear_probe or image_key or label_key or caption_key
     if custom or max_examples:
@@ -170,7 +179,12 @@ def evaluate_run(
         eval_set = run_eval_set(model, data, classes, image_key, caption_key, label_key)
         probe_files: list[str] = []
         if linear_probe:
-            probe_files = expand_files(probe_data) if probe_data else model.comps.data.train_files
+            try:
+                probe_files = (
+                    expand_files(probe_data) if probe_data else model.comps.data.train_files
+                )
+            except FileNotFoundError as exc:
+                raise UserError(f"--probe-data: {exc}") from None
         limit = max_examples or model.spec.eval.max_examples
         results = evaluate_model(model, eval_set, probe_files, limit)
         split = f"eval:{eval_set.name}"
@@ -183,7 +197,7 @@ def evaluate_run(
         )
         split = "eval:validation"
     results = {"step": model.step, **results}
-    if not parse_ref(model_ref):
+    if not published:
         import time
 
         RunFolder(model_ref).append_metrics({**results, "split": split, "time": time.time()})

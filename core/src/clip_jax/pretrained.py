@@ -7,8 +7,9 @@ gives the run-spec tables the checkpoint implies (model, loss, tokenizer, prepro
 Those act like a preset under the user's own tables: the spec may still change the
 image size, dtype, remat... and ``clipctl validate`` checks the result without jax.
 
-A checkpoint is data, never code: safetensors files are read with safetensors' numpy
-reader; torch ``.bin`` / ``.pt`` files only with ``torch.load(weights_only=True)``.
+A checkpoint is data, never code: safetensors files are read as their JSON header and
+raw bytes (no torch, bfloat16 included); torch ``.bin`` / ``.pt`` files only with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -91,7 +92,12 @@ def with_defaults(raw: Mapping[str, Any], registry: Registry | None = None) -> d
         # from, which may be gone; the trainer reads that only for a run with no checkpoint.
         return dict(raw)
     name, converter, path = find_format(init_from, registry)
-    defaults = converter.spec_defaults(path)
+    try:
+        defaults = converter.spec_defaults(path)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a malformed config
+        raise UserError(
+            f"{path}: its config is not one this reads ({type(exc).__name__}: {exc})"
+        ) from None
     defaults["model"] = {**defaults.get("model", {}), "architecture": name}
     return deep_merge(defaults, raw)
 
@@ -159,8 +165,12 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     if path.name.endswith(".index.json"):
         index = json.loads(path.read_text())
         tensors: dict[str, np.ndarray] = {}
+        folder = path.parent.resolve()
         for shard in sorted(set(index.get("weight_map", {}).values())):
-            tensors |= read_tensors(path.parent / shard)
+            shard_path = (folder / shard).resolve()
+            if folder not in shard_path.parents:
+                raise UserError(f"{path}: shard {shard!r} lies outside its folder")
+            tensors |= read_tensors(shard_path)
         return tensors
     if path.suffix == ".safetensors":
         return _read_safetensors(path)

@@ -34,6 +34,11 @@ class TextTokenizer:
     def __init__(self, tokenizer: Tokenizer, context_length: int, pad_id: int = 0):
         self.tokenizer = tokenizer
         self.context_length = context_length
+        if pad_id >= tokenizer.get_vocab_size():
+            raise UserError(
+                f"tokenizer.pad_id: {pad_id} is not in the tokenizer's vocabulary "
+                f"({tokenizer.get_vocab_size()} tokens)"
+            )
         pad_token = tokenizer.id_to_token(pad_id) or PAD
         tokenizer.enable_truncation(context_length)
         tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token, length=context_length)

@@ -7,7 +7,6 @@ that ``AutoModel`` and ``AutoProcessor`` load it and give our embeddings.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +65,7 @@ def _config(options, layout: str, eos: int | None) -> dict[str, Any]:
     vision = {**tower(v), "image_size": v.image_size, "patch_size": v.patch_size, "num_channels": 3}
     text = {**tower(t), "vocab_size": t.vocab_size, "max_position_embeddings": t.context_length}
     if eos is not None:
-        text |= {"eos_token_id": eos, "bos_token_id": eos, "pad_token_id": t.pad_id or 0}
+        text |= {"eos_token_id": eos, "bos_token_id": eos}
     if layout == "clip":
         return {
             "architectures": ["CLIPModel"],
@@ -130,18 +129,17 @@ def _write_tokenizer(
         return None
     text = spec.model.text
     if spec.tokenizer.name == "sentencepiece":
-        shutil.copyfile(tokenizer_file, out / "tokenizer.json")
-        return None
+        return _write_sentencepiece(spec, tokenizer_file, out)
     vocab = json.loads(Path(tokenizer_file).read_text())
     eos = _end_token_id(vocab)
+    pad = getattr(spec.tokenizer, "pad_id", 0)  # what the run's texts were padded with
     if layout == "clip" and eos == 2:
         last = _max_id(vocab)
         _swap_ids(vocab, 2, last)
         table = tensors["text_model.embeddings.token_embedding.weight"]
         table[[2, last]] = table[[last, 2]]
-        eos = last
+        eos, pad = last, {2: last, last: 2}.get(pad, pad)
     (out / "tokenizer.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    pad = text.pad_id if text.pad_id is not None else 0
     tokens = {t["id"]: t["content"] for t in vocab.get("added_tokens", [])}
     pad_token = tokens.get(pad) or _token_of(vocab, pad)
     eos_token = tokens.get(eos) or _token_of(vocab, eos)
@@ -154,6 +152,32 @@ def _write_tokenizer(
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return eos
+
+
+def _write_sentencepiece(spec, tokenizer_file: Path, out: Path) -> int:
+    """SigLIP's own tokenizer files: spiece.model and a SiglipTokenizer config, refused
+    when the run changed the text handling SiglipTokenizer does."""
+    import base64
+
+    from clip_jax.errors import UserError
+
+    saved = json.loads(Path(tokenizer_file).read_text())
+    options = saved.get("options", {})
+    if not options.get("lowercase", True) or not options.get("canonicalize", True):
+        raise UserError(
+            "tokenizer.lowercase / tokenizer.canonicalize = false: transformers' "
+            "SiglipTokenizer always lowercases and canonicalises; it cannot be exported"
+        )
+    (out / "spiece.model").write_bytes(base64.b64decode(saved["model_proto"]))
+    config = {
+        "tokenizer_class": "SiglipTokenizer",
+        "model_max_length": spec.model.text.context_length,
+        "pad_token": "</s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return None
 
 
 def _end_token_id(vocab: dict) -> int | None:

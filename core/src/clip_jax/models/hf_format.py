@@ -1,8 +1,8 @@
 """The ``clip`` architecture in Hugging Face's layout: transformers' CLIPModel and SiglipModel.
 
 Both directions live here (the writing side in ``hf_export``), with the architecture that owns the parameter names, so no
-generic code names a parameter. numpy only (safetensors' numpy reader, never torch, no
-jax): reading a config or converting tensors is cheap and safe anywhere.
+generic code names a parameter. numpy only (no torch, no jax): reading a config or
+converting tensors is cheap and safe anywhere.
 
 - CLIP: patch conv without bias, class token, learned positions with a class slot,
   ln_pre, causal text read at its end token, bias-free projections.
@@ -249,7 +249,7 @@ class HuggingFaceFormat:
     def read_params(self, path: Path, spec, tensors: dict[str, np.ndarray]) -> tuple[dict, dict]:
         """(flat parameters named our way, our name -> their tensor name)."""
         options = spec.model
-        layout = "siglip" if options.vision.pool == "map" else "clip"
+        layout = layout_of(options)  # the spec may not change what the tensors compute
         params, names = {}, {}
         for ours, theirs, (to_ours, _) in entries(options, layout):
             params[ours] = convert(tensors, theirs, to_ours)
@@ -289,7 +289,8 @@ def _model_type(path: Path) -> str | None:
     config = path / "config.json"
     if not config.is_file():
         return None
-    model_type = _read_json(config).get("model_type")
+    data = _read_json(config)
+    model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type not in ("clip", "siglip"):
         raise UserError(
             f"{config}: model_type {model_type!r} is not supported (clip or siglip; SigLIP 2 "
@@ -345,6 +346,14 @@ def tokenizer_pad_id(path: Path) -> int:
     return 0
 
 
+def _resample(config: dict, file: Path) -> int:
+    """PIL's resample code: 3 bicubic (transformers' default), 2 bilinear; no other."""
+    resample = config.get("resample", 3)
+    if resample not in (2, 3):
+        raise UserError(f"{file}: resample {resample!r} is not supported (2 bilinear, 3 bicubic)")
+    return resample
+
+
 def _preprocess_defaults(path: Path, layout: str) -> dict[str, Any]:
     file = path / "preprocessor_config.json"
     config = _read_json(file) if file.is_file() else {}
@@ -355,7 +364,5 @@ def _preprocess_defaults(path: Path, layout: str) -> dict[str, Any]:
         "mean": list(config.get("image_mean", half if siglip else CLIP_MEAN)),
         "std": list(config.get("image_std", half if siglip else CLIP_STD)),
         "resize": "crop" if crop else "squash",
-        "interpolation": "bilinear"
-        if config.get("resample", 2 if siglip else 3) == 2
-        else "bicubic",
+        "interpolation": "bilinear" if _resample(config, file) == 2 else "bicubic",
     }

@@ -278,17 +278,19 @@ def _text_options(cfg: dict[str, Any], quick: bool, source: Path) -> dict[str, A
     }
 
 
-def tokenizer_defaults(folder: Path, siglip: bool) -> dict[str, Any]:
-    """A tokenizer beside the checkpoint; else one that names ``tokenizer.path``."""
+def tokenizer_defaults(folder: Path, siglip: bool, text_pad: int | None = 0) -> dict[str, Any]:
+    """A tokenizer beside the checkpoint; else one that names ``tokenizer.path``. Texts are
+    padded with the text tower's padding id where it has one (open_clip's ``pad_id``)."""
     if siglip and (folder / "spiece.model").is_file():
         return {"name": "sentencepiece", "path": str(folder / "spiece.model")}
+    pad = text_pad if text_pad is not None else 0
     if (folder / "tokenizer.json").is_file():
-        pad = tokenizer_pad_id(folder) if siglip else 0
+        pad = tokenizer_pad_id(folder) if siglip else pad
         return {"name": "bpe", "path": str(folder / "tokenizer.json"), "pad_id": pad}
     if siglip:  # no path: validation asks for tokenizer.path
         return {"name": "sentencepiece"}
     # A path that does not exist (yet): building the tokenizer names tokenizer.path.
-    return {"name": "bpe", "path": str(folder / "tokenizer.json"), "pad_id": 0}
+    return {"name": "bpe", "path": str(folder / "tokenizer.json"), "pad_id": pad}
 
 
 def preprocess_defaults(cfg: dict[str, Any], siglip: bool) -> dict[str, Any]:

@@ -84,7 +84,9 @@ class OpenClipFormat:
             tables, siglip = open_clip_config.config_tables(model_cfg, source)
         return {
             **tables,
-            "tokenizer": open_clip_config.tokenizer_defaults(folder, siglip),
+            "tokenizer": open_clip_config.tokenizer_defaults(
+                folder, siglip, tables["model"]["text"].get("pad_id")
+            ),
             "preprocess": open_clip_config.preprocess_defaults(preprocess, siglip),
         }
 

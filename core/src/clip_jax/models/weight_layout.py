@@ -93,17 +93,19 @@ def unstack_scanned(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def finish_import(
-    params: dict[str, np.ndarray], spec, unused: list[str], source: str, options=None
+    params: dict[str, np.ndarray], spec, unused: list[str], source: str
 ) -> dict[str, np.ndarray]:
     """What every import ends with: a sigmoid loss's bias where the checkpoint has none
-    (CLIP weights fine-tuned with a SigLIP loss), no tensor left over, scanned towers
-    stacked."""
+    (CLIP weights fine-tuned with a SigLIP loss) and none where the loss has none, no
+    tensor left over, scanned towers stacked."""
     init_bias = getattr(spec.loss, "init_bias", None)
-    if "logit_bias" not in params and init_bias is not None:
+    if init_bias is None:
+        params.pop("logit_bias", None)
+    elif "logit_bias" not in params:
         params["logit_bias"] = np.asarray(init_bias, np.float32)
     if unused:
         raise UserError(
             f"tensor {unused[0]} ({len(unused)} unused in all) has no place in the model "
             f"{source} describes"
         )
-    return stack_scanned(params, options or spec.model)
+    return stack_scanned(params, spec.model)

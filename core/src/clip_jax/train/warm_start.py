@@ -60,9 +60,18 @@ def fit_params(
     initialised: a downstream head's parameters (``head/...``) that the source lacks
     come from it (called only then); any other missing parameter is an error.
     """
-    source_names = source_names or {}
     flat_source = dict(jax.tree_util.tree_leaves_with_path(source))
     flat_target = jax.tree_util.tree_leaves_with_path(target)
+    if source_names:  # published weights: every tensor must find its place
+        wanted = {path for path, _ in flat_target}
+        extra = [param_name(p) for p in flat_source if p not in wanted]
+        if extra:
+            first = source_names.get(extra[0], extra[0])
+            raise UserError(
+                f"tensor {first} has no place in this model (it would be {extra[0]}): the "
+                "spec changes the checkpoint's model; keep its options"
+            )
+    source_names = source_names or {}
     absent = [param_name(p) for p, _ in flat_target if p not in flat_source]
     missing = [n for n in absent if fresh_head is None or not n.startswith("head/")]
     if missing:
