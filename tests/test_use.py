@@ -116,3 +116,16 @@ def test_export_command(runner, trained_run, tmp_path):
         cli, ["export", str(trained_run), str(tmp_path / "x"), "--format", "onnx"]
     )
     assert wrong.exit_code == 2 and "cannot be written as 'onnx'" in wrong.stderr
+
+
+def test_export_refuses_before_reading_any_checkpoint(runner, tmp_path):
+    """What transformers cannot express is known from the spec: no restore is needed."""
+    from clip_jax.spec import to_toml, validate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    spec = validate({"model": {"preset": "tiny", "vision": {"pool": "gap"}}})
+    (run / "spec.resolved.toml").write_text(to_toml(spec))  # no checkpoint at all
+    result = runner.invoke(cli, ["export", str(run), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "model.vision.pool = 'gap'" in result.stderr
+    assert not (tmp_path / "out").exists()

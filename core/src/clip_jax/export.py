@@ -16,6 +16,7 @@ def export(
     run_dir: str | Path, out: str | Path, format: str = "hf", step: int | None = None
 ) -> Path:
     """Write ``run_dir``'s latest (or given) checkpoint to ``out`` in ``format``."""
+    from clip_jax import spec as spec_lib
     from clip_jax.pretrained import flatten
     from clip_jax.run_folder import RunFolder
     from clip_jax.train.warm_start import params_of_run
@@ -23,7 +24,11 @@ def export(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder: choose a new output folder")
-    params, spec, _ = params_of_run(run_dir, step)
+    folder = RunFolder(run_dir)
+    if not folder.exists():
+        raise UserError(f"{run_dir} is not a run folder (no spec.resolved.toml)")
+    # Whether the format can take this model is known from the spec: ask before restoring.
+    spec = spec_lib.validate(folder.read_spec(), pretrained=False)
     architecture = get_registry().get("architecture", spec.model.architecture)
     converter = architecture.weight_format(format)
     if converter is None:
@@ -32,6 +37,10 @@ def export(
             f"architecture {architecture.name!r} cannot be written as {format!r} "
             f"(its formats: {known})"
         )
-    tokenizer = RunFolder(run_dir).tokenizer
+    check = getattr(converter, "check_export", None)
+    if check is not None:
+        check(spec)
+    params, spec, _ = params_of_run(run_dir, step)
+    tokenizer = folder.tokenizer
     converter.write(flatten(params), spec, tokenizer if tokenizer.exists() else None, out)
     return out

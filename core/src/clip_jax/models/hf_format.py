@@ -263,6 +263,10 @@ class HuggingFaceFormat:
         unused = sorted(k for k in tensors if k not in used and not IGNORED.match(k))
         return finish_import(params, spec, unused, f"{path / 'config.json'}"), names
 
+    def check_export(self, spec) -> None:
+        """A UserError naming the option transformers cannot express, before any restore."""
+        layout_of(spec.model)
+
     def write(
         self, params: dict[str, np.ndarray], spec, tokenizer_file: Path | None, out: Path
     ) -> None:
