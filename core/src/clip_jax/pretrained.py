@@ -99,6 +99,8 @@ def with_defaults(raw: Mapping[str, Any], registry: Registry | None = None) -> d
             f"{path}: its config is not one this reads ({type(exc).__name__}: {exc})"
         ) from None
     defaults["model"] = {**defaults.get("model", {}), "architecture": name}
+    from clip_jax.spec import deep_merge
+
     return deep_merge(defaults, raw)
 
 
@@ -110,17 +112,6 @@ def _is_resolved(raw: Mapping[str, Any]) -> bool:
         and {"architecture", "vision", "text"} <= set(model)
         and isinstance(raw.get("preprocess"), Mapping)
     )
-
-
-def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``, table by table."""
-    merged = {key: value for key, value in base.items()}
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def read_params(ref: str, spec: Any, registry: Registry | None = None) -> tuple[dict, dict]:

@@ -211,11 +211,11 @@ def load_spec(
 
 
 # -------------------------------------------------------------------- validating
-def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(dict(base))
     for key, value in top.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -266,7 +266,7 @@ def validate(
                     (f"{section}.preset", f"unknown preset {preset!r} (available: {known})")
                 )
                 continue
-            raw[section] = _deep_merge(component.presets[preset], table)
+            raw[section] = deep_merge(component.presets[preset], table)
         fields[section] = _section_model(section, selector, name, component.options or Options)
     fields.update(FIXED_SECTIONS)
 

@@ -47,7 +47,9 @@ from clip_jax.models.weight_layout import (
     COPY,
     IGNORED,
     LINEAR,
+    SCALAR,
     attention_out,
+    convert,
     finish_import,
     split_heads,
 )
@@ -111,12 +113,12 @@ class OpenClipFormat:
         text = "text." if any(k.startswith("text.") for k in tensors) else ""
         items = list(_vision_entries(options, tensors) if timm else _openai_vision(options))
         items += _text_entries(options, text)
-        items.append(("logit_scale", "logit_scale", _scalar))
+        items.append(("logit_scale", "logit_scale", SCALAR[0]))
         if "logit_bias" in tensors:
-            items.append(("logit_bias", "logit_bias", _scalar))
+            items.append(("logit_bias", "logit_bias", SCALAR[0]))
         params, names = {}, {}
         for ours, theirs, to_ours in items:
-            params[ours] = _convert(tensors, theirs, to_ours)
+            params[ours] = convert(tensors, theirs, to_ours)
             names[ours] = theirs
         used = set(names.values())
         unused = sorted(k for k in tensors if k not in used and not IGNORED.match(k))
@@ -191,12 +193,6 @@ def _read_config(base: Path) -> tuple[dict, dict, Path]:
 def _part(count: int, index: int, kind: Callable) -> Callable:
     """The ``index``-th of ``count`` equal row blocks of a packed tensor, then ``kind``."""
     return lambda w: kind(np.split(w, count, axis=0)[index])
-
-
-def _scalar(w: np.ndarray) -> np.ndarray:
-    if w.size != 1:
-        raise ValueError("not a scalar")
-    return w.reshape(())
 
 
 def _norm(ours: str, theirs: str) -> Iterator[tuple]:
@@ -305,16 +301,3 @@ def _text_entries(options, prefix: str) -> list[tuple]:
     elif t.projection == "linear":  # a parameter used as x @ proj
         out.append(("text_proj/kernel", f"{prefix}text_projection", COPY[0]))
     return out
-
-
-def _convert(tensors: dict[str, np.ndarray], name: str, to_ours: Callable) -> np.ndarray:
-    if name not in tensors:
-        raise UserError(f"the checkpoint has no tensor {name}, which its open_clip config implies")
-    tensor = np.asarray(tensors[name], np.float32)
-    try:
-        return np.asarray(to_ours(tensor), np.float32)
-    except ValueError:
-        raise UserError(
-            f"tensor {name} of shape {tensor.shape} does not fit the model its open_clip "
-            "config describes"
-        ) from None
