@@ -9,7 +9,9 @@ A head is chosen in the ``[head]`` table (``name``) and registered through
 - ``freeze``: parameter-path patterns it adds to ``train.freeze``;
 - ``needs_labels``: the train step receives the records' integer labels;
 - ``objective(model, loss_fn)``: ``(params, images, tokens, labels, dropout_rng) ->
-  (loss, metrics)``, differentiated by the train step;
+  (loss, metrics)``, differentiated by the train step; a ``SplitObjective`` (forward
+  per example, score on the whole batch) keeps every negative under
+  ``train.microbatches``, a plain function gets plain gradient accumulation;
 - ``classify(model)``: ``(params, inputs) -> logits`` for evaluation, or None; the
   inputs are images or tokens as ``tower`` says ("vision" or "text").
 
@@ -19,6 +21,7 @@ A head is chosen in the ``[head]`` table (``name``) and registered through
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -35,13 +38,31 @@ Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 TOWER_METHODS = {"vision": "classify_images", "text": "classify_texts"}
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitObjective:
+    """``loss, metrics = score(*forward(params, images, tokens, dropout_rng), labels)``.
+
+    ``forward`` works example by example and returns ``(per_example, shared)``: arrays
+    whose leading axis is the batch, and values the whole batch shares (the logit
+    scale). ``score`` sees the whole batch. The split is what lets the train step run
+    ``forward`` on micro-batches and still score all negatives together
+    (``clip_jax.train.microbatch``); calling the objective runs both at once.
+    """
+
+    forward: Callable[..., tuple[Any, Any]]
+    score: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+    def __call__(self, params, images_BxHxWxC, tokens_BxL, labels_B, dropout_rng):
+        per_example, shared = self.forward(params, images_BxHxWxC, tokens_BxL, dropout_rng)
+        return self.score(per_example, shared, labels_B)
+
+
 def contrastive_objective(model: nn.Module, loss_fn, lock: str | None = None) -> Objective:
     """The two towers' embeddings scored by the run's contrastive loss. ``lock``: a tower
     run in inference mode whose embeddings pass no gradient (LiT)."""
     extra = {"lock": lock} if lock else {}  # a plain run calls the model as it always has
 
-    def objective(params, images_BxHxWxC, tokens_BxL, labels_B, dropout_rng):
-        del labels_B
+    def forward(params, images_BxHxWxC, tokens_BxL, dropout_rng):
         img_emb_BxD, txt_emb_BxD, log_scale, bias = model.apply(
             {"params": params},
             images_BxHxWxC,
@@ -50,10 +71,15 @@ def contrastive_objective(model: nn.Module, loss_fn, lock: str | None = None) ->
             rngs={"dropout": dropout_rng},
             **extra,
         )
+        return (img_emb_BxD, txt_emb_BxD), (log_scale, bias)
+
+    def score(embeddings, scale_and_bias, labels_B):
+        del labels_B
+        (img_emb_BxD, txt_emb_BxD), (log_scale, bias) = embeddings, scale_and_bias
         loss = loss_fn(img_emb_BxD, txt_emb_BxD, log_scale, bias)
         return loss, {"temperature": jnp.exp(log_scale), "logit_bias": bias}
 
-    return objective
+    return SplitObjective(forward, score)
 
 
 class Head:
@@ -146,11 +172,15 @@ class ClassificationHead(Head):
         method, smoothing = TOWER_METHODS[self.tower], self.options.label_smoothing
         classes = self.num_classes
 
-        def objective(params, images_BxHxWxC, tokens_BxL, labels_B, dropout_rng):
+        def forward(params, images_BxHxWxC, tokens_BxL, dropout_rng):
             inputs = images_BxHxWxC if self.tower == "vision" else tokens_BxL
             logits_BxC = model.apply(
                 {"params": params}, inputs, train=True, method=method, rngs={"dropout": dropout_rng}
             )
+            return logits_BxC, ()
+
+        def score(logits_BxC, shared, labels_B):
+            del shared
             known_B = (labels_B >= 0).astype(jnp.float32)  # -1: a record without a label
             targets_BxC = optax.smooth_labels(jax.nn.one_hot(labels_B, classes), smoothing)
             per_example_B = optax.softmax_cross_entropy(logits_BxC, targets_BxC)
@@ -159,7 +189,7 @@ class ClassificationHead(Head):
             loss = (per_example_B * known_B).sum() / count
             return loss, {"train_top1": (hits_B * known_B).sum() / count}
 
-        return objective
+        return SplitObjective(forward, score)
 
     def classify(self, model: nn.Module):
         method = TOWER_METHODS[self.tower]

@@ -41,7 +41,17 @@ class TowerOptions(Options):
         "linear", description="none: the tower's output is the embedding (width = embed_dim)"
     )
     projection_bias: bool = False
-    dtype: ComputeDtype = Field("float32", description="compute dtype; parameters stay float32")
+    dtype: ComputeDtype = Field(
+        "float32", description="activation dtype (norms and softmax always run in float32)"
+    )
+    matmul_dtype: ComputeDtype | None = Field(
+        None,
+        description="inputs of the matrix products, accumulated in float32, backward "
+        "included; none: dtype. bfloat16 with dtype float32 is the fast setting on CPUs",
+    )
+    param_dtype: ComputeDtype = Field(
+        "float32", description="parameters and optimizer moments (float32: master weights)"
+    )
     remat: Remat = Field("none", description="recompute activations in the backward pass")
     scan_layers: bool = Field(False, description="one traced block: compile time flat in depth")
 

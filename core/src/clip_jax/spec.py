@@ -42,6 +42,13 @@ class RunOptions(Options):
 class TrainOptions(Options):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(256, ge=1, description="global batch size")
+    microbatches: int = Field(
+        1,
+        ge=1,
+        description="split each batch into this many micro-batches (gradient caching): "
+        "the contrastive loss still sees every negative of the whole batch, activation "
+        "memory drops about k-fold, at ~1/3 more compute",
+    )
     log_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
@@ -82,6 +89,15 @@ class TrainOptions(Options):
             except re.error as exc:
                 raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
         return patterns
+
+    @model_validator(mode="after")
+    def _check_microbatches(self) -> TrainOptions:
+        if self.batch_size % self.microbatches:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by microbatches "
+                f"({self.microbatches})"
+            )
+        return self
 
 
 class EvalOptions(Options):

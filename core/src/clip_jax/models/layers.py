@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax.models.matmul import dot_general_for
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -45,11 +47,19 @@ class BlockConfig:
     rotary: bool = False
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    matmul_dtype: Any = None  # None: products in ``dtype``
+    param_dtype: Any = jnp.float32
+
+    @property
+    def dot_general(self):
+        """What the block's dense layers multiply with (``models.matmul``)."""
+        return dot_general_for(self.matmul_dtype)
 
 
-def block_config(options, dtype) -> BlockConfig:
+def block_config(options, dtype=None) -> BlockConfig:
     """One mapping from a tower's options (vision or text) to its blocks' shape."""
     hidden = options.mlp_dim or int(options.width * options.mlp_ratio)
+    matmul = getattr(options, "matmul_dtype", None)
     return BlockConfig(
         heads=options.heads,
         mlp_hidden=hidden,
@@ -60,7 +70,9 @@ def block_config(options, dtype) -> BlockConfig:
         qk_norm=options.qk_norm,
         rotary=getattr(options, "positions", None) == "rotary",
         dropout=options.dropout,
-        dtype=dtype,
+        dtype=DTYPES[options.dtype] if dtype is None else dtype,
+        matmul_dtype=None if matmul is None else DTYPES[matmul],
+        param_dtype=DTYPES[getattr(options, "param_dtype", "float32")],
     )
 
 
@@ -76,10 +88,17 @@ def make_norm(cfg: BlockConfig, name: str, axis_name: str = "embed") -> nn.Modul
     """LayerNorm (bias follows ``use_bias``) or RMSNorm, with the config's epsilon."""
     scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,))
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, scale_init=scale_init, name=name)
+        return nn.RMSNorm(
+            epsilon=cfg.norm_eps,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            scale_init=scale_init,
+            name=name,
+        )
     return nn.LayerNorm(
         epsilon=cfg.norm_eps,
         dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
         use_bias=cfg.use_bias,
         scale_init=scale_init,
         bias_init=zeros((axis_name,)),
@@ -119,6 +138,8 @@ class Attention(nn.Module):
             return nn.DenseGeneral(
                 (cfg.heads, head_dim),
                 dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                dot_general=cfg.dot_general,
                 use_bias=cfg.use_bias,
                 kernel_init=dense_init(("embed", "heads", "kv")),
                 bias_init=zeros(("heads", "kv")),
@@ -137,6 +158,8 @@ class Attention(nn.Module):
             width,
             axis=(-2, -1),
             dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            dot_general=cfg.dot_general,
             use_bias=cfg.use_bias,
             kernel_init=dense_init(("heads", "kv", "embed")),
             bias_init=zeros(("embed",)),
@@ -155,6 +178,8 @@ class Mlp(nn.Module):
         dense = partial(
             nn.Dense,
             dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            dot_general=cfg.dot_general,
             use_bias=cfg.use_bias,
             kernel_init=dense_init(("embed", "mlp")),
             bias_init=zeros(("mlp",)),
@@ -164,9 +189,8 @@ class Mlp(nn.Module):
             h_BxLxM = nn.silu(dense(cfg.mlp_hidden, name="gate")(x_BxLxD)) * h_BxLxM
         else:
             h_BxLxM = ACTIVATIONS[cfg.activation](h_BxLxM)
-        return nn.Dense(
+        return dense(
             x_BxLxD.shape[-1],
-            dtype=cfg.dtype,
             use_bias=cfg.use_bias,
             kernel_init=dense_init(("mlp", "embed")),
             bias_init=zeros(("embed",)),
@@ -201,6 +225,7 @@ class MapHead(nn.Module):
             "probe",
             nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (None, None, "embed")),
             (1, 1, width),
+            self.cfg.param_dtype,
         )
         probe_Bx1xD = jnp.broadcast_to(probe_1x1xD.astype(self.cfg.dtype), (batch, 1, width))
         mask = None if valid_BxN is None else valid_BxN[:, None, None, :]

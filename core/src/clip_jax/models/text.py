@@ -33,6 +33,7 @@ class TextTower(nn.Module):
             o.vocab_size,
             o.width,
             dtype=dtype,
+            param_dtype=cfg.param_dtype,
             embedding_init=nn.with_logical_partitioning(
                 nn.initializers.normal(0.02), ("vocab", "embed")
             ),
@@ -43,6 +44,7 @@ class TextTower(nn.Module):
                 "pos_embed",
                 nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
                 (o.context_length, o.width),
+                cfg.param_dtype,
             )
             x_BxLxD = x_BxLxD + pos_LxD[:length].astype(dtype)
         if o.pad_id is None:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax.models.layers import DTYPES, MapHead, block_config, make_norm, tower_encoder
+from clip_jax.models.matmul import patch_conv_for
 from clip_jax.schemas import VisionOptions
 
 
@@ -39,6 +40,8 @@ class VisionTower(nn.Module):
             padding="VALID",
             use_bias=o.patch_bias,
             dtype=dtype,
+            param_dtype=cfg.param_dtype,
+            conv_general_dilated=patch_conv_for(cfg.matmul_dtype),
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.lecun_normal(), (None, None, None, "embed")
             ),
@@ -54,6 +57,7 @@ class VisionTower(nn.Module):
                 "class_token",
                 nn.with_logical_partitioning(nn.initializers.normal(o.width**-0.5), ("embed",)),
                 (o.width,),
+                cfg.param_dtype,
             )
             cls_Bx1xD = jnp.broadcast_to(cls_D.astype(dtype), (batch, 1, o.width))
             x_BxNxD = jnp.concatenate([cls_Bx1xD, x_BxNxD], axis=1)
@@ -64,6 +68,7 @@ class VisionTower(nn.Module):
                     nn.initializers.normal(o.width**-0.5), (None, "embed")
                 ),
                 x_BxNxD.shape[1:],
+                cfg.param_dtype,
             )
             x_BxNxD = x_BxNxD + pos_NxD.astype(dtype)
         if o.registers:  # "Vision Transformers Need Registers": no position, dropped at the end
@@ -73,6 +78,7 @@ class VisionTower(nn.Module):
                     nn.initializers.normal(o.width**-0.5), (None, "embed")
                 ),
                 (o.registers, o.width),
+                cfg.param_dtype,
             )
             reg_BxRxD = jnp.broadcast_to(reg_RxD.astype(dtype), (batch, o.registers, o.width))
             x_BxNxD = jnp.concatenate([x_BxNxD, reg_BxRxD], axis=1)

@@ -19,6 +19,7 @@ import optax
 
 from clip_jax.errors import UserError
 from clip_jax.sharding import Layout
+from clip_jax.train.microbatch import cached_value_and_grad
 
 State = dict[str, Any]
 
@@ -104,16 +105,22 @@ def make_train_step(
     layout: Layout,
     seed: int = 0,
     objective: Callable | None = None,
+    microbatches: int = 1,
 ) -> Callable:
     """``train_step(state, images, tokens, labels=None) -> (state, metrics)``.
 
     ``objective``: ``(params, images, tokens, labels, dropout_rng) -> (loss, metrics)``,
     a head's (``clip_jax.heads``); by default the contrastive loss on both towers.
+    ``microbatches``: computed over that many micro-batches (``train.microbatch``).
     """
     if objective is None:
         from clip_jax.heads import contrastive_objective
 
         objective = contrastive_objective(model, loss_fn)
+    if microbatches > 1:
+        value_and_grad = cached_value_and_grad(objective, microbatches)
+    else:
+        value_and_grad = jax.value_and_grad(objective, has_aux=True)
 
     def train_step(state: State, images_BxHxWxC: jax.Array, tokens_BxL: jax.Array, labels_B=None):
         # Trace under the mesh and the logical rules: activation constraints apply.
@@ -124,11 +131,8 @@ def make_train_step(
         # Dropout masks differ per step and are the same on every topology and resume.
         dropout_rng = jax.random.fold_in(jax.random.key(seed), state["step"])
 
-        def compute_loss(params):
-            return objective(params, images_BxHxWxC, tokens_BxL, labels_B, dropout_rng)
-
-        grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-        (loss, head_metrics), grads = grad_fn(state["params"])
+        inputs = (images_BxHxWxC, tokens_BxL, labels_B, dropout_rng)
+        (loss, head_metrics), grads = value_and_grad(state["params"], *inputs)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {
             "step": state["step"] + 1,
