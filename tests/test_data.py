@@ -15,9 +15,11 @@ from clip_jax.data.pipeline import (
     expand_files,
     iterate,
     make_dataset,
+    normalize_image,
     read_captions,
 )
 from clip_jax.data.shards import serialize, write_shard
+from clip_jax.schemas import PreprocessOptions
 
 SEED = 0  # the conftest fixture writes the default seed
 IMAGE_SIZE = 32
@@ -231,6 +233,39 @@ def test_resize_and_crop_other_sizes(tmp_path):
     assert batch.images.shape == (1, 16, 16, 3)
     red = (np.array([1.0, 0.0, 0.0], np.float32) - MEAN_RGB) / STD_RGB
     np.testing.assert_allclose(batch.images[0], np.broadcast_to(red, (16, 16, 3)), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "pre", [PreprocessOptions(), PreprocessOptions(mean=(0.5, 0.25, 0.1), std=(0.3, 0.7, 0.9))]
+)
+def test_normalisation_is_bit_identical_to_the_broadcasting_formula(pre):
+    """normalize_image broadcasts its constants itself, for speed; no pixel may move."""
+    from clip_jax.data.tf_setup import import_tf
+
+    tf = import_tf()
+    mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
+    rng = np.random.default_rng(0)
+    for shape in [(224, 224, 3), (7, 5, 3)]:
+        image = rng.uniform(-0.1, 1.1, shape).astype(np.float32)  # bicubic overshoots 0..1
+        formula = lambda x: (tf.clip_by_value(x, 0.0, 1.0) - mean) / std  # noqa: E731
+        ours = lambda x: normalize_image(tf, x, pre)  # noqa: E731
+        # eagerly and inside tf.data (graph-optimised), as the pipeline runs it
+        np.testing.assert_array_equal(ours(image).numpy(), formula(image).numpy())
+        in_graph = [
+            next(tf.data.Dataset.from_tensors(image).map(fn).as_numpy_iterator())
+            for fn in (ours, formula)
+        ]
+        np.testing.assert_array_equal(*in_graph)
+
+
+def test_thread_count_does_not_change_the_stream(synthetic_dir):
+    paths = files(synthetic_dir, "train")
+    kwargs = {"train": True, "seed": 2, "shuffle_buffer": 128}
+    one = take(batches(paths, threads=1, **kwargs), 3)
+    two = take(batches(paths, **kwargs), 3)  # the default, 2
+    for a, b in zip(one, two, strict=True):
+        assert a.captions == b.captions and a.next_position == b.next_position
+        np.testing.assert_array_equal(a.images, b.images)
 
 
 def test_custom_keys(tmp_path):

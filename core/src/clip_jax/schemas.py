@@ -68,6 +68,13 @@ class VisionOptions(TowerOptions):
     norm_pre: bool = Field(True, description="a norm before the blocks (CLIP's ln_pre)")
     pool: Literal["tok", "gap", "map"] = "tok"
     registers: int = Field(0, ge=0, le=64, description="extra learned tokens, dropped at the end")
+    patch_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="fraction of patch tokens dropped at random in training only (FLIP): "
+        "0.5 about halves the image tower's cost; evaluation sees every patch",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> VisionOptions:

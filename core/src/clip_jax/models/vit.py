@@ -25,6 +25,19 @@ def sincos2d(grid_h: int, grid_w: int, width: int, temperature: float = 10_000.0
     return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
 
 
+def drop_patches(x_BxNxD: jax.Array, rate: float, keep_first: int, rng: jax.Array) -> jax.Array:
+    """A random ``1 - rate`` of the tokens after the first ``keep_first`` (the class
+    token), chosen per image (FLIP, Li et al. 2023). Positions are already added, so
+    each kept token still knows where it came from."""
+    batch, length, _ = x_BxNxD.shape
+    patches = length - keep_first
+    kept = max(1, round(patches * (1 - rate)))
+    scores_BxP = jax.random.uniform(rng, (batch, patches))
+    _, index_BxK = jax.lax.top_k(scores_BxP, kept)
+    picked_BxKxD = jnp.take_along_axis(x_BxNxD[:, keep_first:], index_BxK[..., None], axis=1)
+    return jnp.concatenate([x_BxNxD[:, :keep_first], picked_BxKxD], axis=1)
+
+
 class VisionTower(nn.Module):
     options: VisionOptions
 
@@ -71,6 +84,10 @@ class VisionTower(nn.Module):
                 cfg.param_dtype,
             )
             x_BxNxD = x_BxNxD + pos_NxD.astype(dtype)
+        if train and o.patch_dropout:
+            x_BxNxD = drop_patches(
+                x_BxNxD, o.patch_dropout, int(o.pool == "tok"), self.make_rng("dropout")
+            )
         if o.registers:  # "Vision Transformers Need Registers": no position, dropped at the end
             reg_RxD = self.param(
                 "registers",
