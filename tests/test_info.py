@@ -1,14 +1,20 @@
 """`clipctl info`: sizes and costs of a spec's model, without data or allocation."""
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from click.testing import CliRunner
 
+from clip_jax import fits, memory
+from clip_jax.errors import UserError
 from clip_jax.info import model_info
 from clip_jax.plugins import get_registry
 from clip_jax.spec import load_spec
 from clipctl.cli import cli
+from tests.conftest import QUICKSTART, ROOT, SMALL_RUN
 
 TEMPLATES = get_registry().templates
 
@@ -60,6 +66,150 @@ def test_info_command_json_and_errors():
     assert result.exit_code == 0, result.output
     facts = json.loads(result.output)
     assert facts["parameters"]["total"] > 0 and facts["train_flops_per_pair"] > 0
+    estimate = facts["memory"]["estimates"][0]  # the ring loss compiled for 8 devices
+    assert estimate["strategy"] == "dp" and estimate["peak"] > estimate["arguments"] > 0
     bad = runner.invoke(cli, ["info", quickstart, "sharding.mesh.data=3", "--devices", "8"])
-    assert bad.exit_code == 1
+    assert bad.exit_code == 2
     assert "sharding.mesh" in bad.output
+
+
+# ------------------------------------------------------------- will it fit?
+SMALL_FSDP = [*SMALL_RUN, "sharding.strategy=fsdp"]  # batch 64, data=1 x fsdp=-1
+INPUT_BYTES = 32 * 32 * 3 * 4 + 16 * 4  # one float32 32px image and its 16 int32 tokens
+
+
+def test_sizes_and_accelerators():
+    assert fits.parse_size("16GiB") == fits.parse_size("16G") == 16 * 2**30
+    assert fits.parse_size("80GB") == 80 * 10**9
+    assert fits.parse_size("512 MiB") == 2**29 and fits.parse_size("1e9") == 10**9
+    for bad in ("16XB", "GiB", "-1G", "0"):
+        with pytest.raises(UserError, match="--device-memory"):
+            fits.parse_size(bad)
+    assert fits.device_memory("tpu-v5e")["bytes"] == 16 * 2**30
+    h100 = fits.device_memory("H100")
+    assert h100["bytes"] == int(0.75 * 79.6 * 2**30) and "75% of 79.6 GiB" in h100["label"]
+    with pytest.raises(UserError, match="did you mean 'h100'"):
+        fits.device_memory("h101")
+    assert fits.device_memory() is None
+
+
+@pytest.mark.parametrize(
+    "peak_of, start",
+    [
+        (lambda b: 10_000 + 37 * b, 64),  # affine: the line is exact
+        (lambda b: 10_000 + 3 * b + b * b // 50, 8),  # convex: softmax's B x B logits
+        (lambda b: 10_000 + 37 * b + (4_000 if b > 300 else 0), 4096),  # a jump, from above
+        (lambda b: 10_000 + 37 * b + 500 * (b % 64 == 0), 8),  # not even monotone
+    ],
+)
+def test_largest_batch_search(peak_of, start):
+    limit, unit = 30_000, 8
+    lo, hi, peaks = fits.largest_batch(peak_of, unit, limit, start)
+    assert lo % unit == 0 and peak_of(lo) <= limit < peak_of(hi) and hi == lo + unit
+    assert set(peaks) >= {lo, hi} and len(peaks) <= 9  # each probe is a compile
+    assert fits.largest_batch(lambda b: 10**9, unit, limit, 64)[:2] == (0, unit)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--devices", "0"], "0 is not in the range x>=1"),
+        (["--device", "tpu-v9"], "unknown accelerator 'tpu-v9'"),
+        (["--device-memory", "lots"], "--device-memory: 'lots' is not a size"),
+        (["--device", "h100", "--device-memory", "1GiB"], "not both"),
+        (["--microbatches", "two"], "--microbatches: 'two' is not a comma list"),
+        (["--max-batch", "--no-memory"], "drop --no-memory"),
+    ],
+)
+def test_info_refuses_bad_options_with_exit_code_2(args, message):
+    result = CliRunner().invoke(cli, ["info", str(QUICKSTART), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_info_refuses_a_batch_the_devices_do_not_divide_and_max_batch_without_memory():
+    runner = CliRunner()
+    bad = runner.invoke(
+        cli, ["info", str(QUICKSTART), *SMALL_RUN, "--devices", "8", "--batch", "100"]
+    )
+    assert bad.exit_code == 2, bad.output
+    assert "batch 100 must be a multiple of the 8 devices of the batch axes" in bad.output
+    assert "e.g. 96" in bad.output
+    blind = runner.invoke(cli, ["info", str(QUICKSTART), *SMALL_RUN, "--max-batch"])
+    assert blind.exit_code == 2  # CPU devices report no memory, and none was given
+    assert "--max-batch needs the device's memory" in blind.output
+
+
+def test_info_help_imports_no_jax():
+    code = textwrap.dedent(
+        """
+        import sys
+        import clipctl.cli
+        try:
+            clipctl.cli.cli(["info", "--help"])
+        except SystemExit as exit:
+            assert exit.code in (0, None), exit.code
+        heavy = [m for m in ("jax", "tensorflow", "flax", "optax") if m in sys.modules]
+        assert not heavy, heavy
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--max-batch" in result.stdout
+
+
+@pytest.mark.slow
+def test_estimate_grows_with_the_batch_and_fsdp_shrinks_it_per_device():
+    on_8 = memory.Estimator(QUICKSTART, SMALL_FSDP, devices=8)
+    small, large = on_8.estimate("fsdp", 64), on_8.estimate("fsdp", 128)
+    assert small.mesh == {"data": 1, "fsdp": 8, "model": 1} and small.per_device_batch == 8
+    assert large.peak > small.peak and large.temporaries > small.temporaries
+    # the batch is split over the 8 devices: 64 more pairs are 8 more per device
+    assert large.arguments - small.arguments == 8 * INPUT_BYTES
+    assert small.peak == small.arguments + small.outputs - small.aliased + small.temporaries
+    # gradient caching: the same batch in 2 micro-batches keeps half the activations
+    halves = on_8.estimate("fsdp", 128, microbatches=2)
+    assert halves.arguments == large.arguments and halves.temporaries < large.temporaries
+    with pytest.raises(UserError, match="multiple of 2 micro-batches x the 8 devices"):
+        on_8.estimate("fsdp", 136, microbatches=2)
+
+    state = {}  # per-device state bytes (parameters and AdamW's two moments), by devices
+    peaks = {}
+    for devices in (2, 8, 16):  # 16: more than this process has, simulated in a subprocess
+        if devices == 8:
+            found = small.to_dict()
+        else:
+            report = memory.report(QUICKSTART, SMALL_FSDP, devices=devices, memory=None)
+            (found,) = report["estimates"]
+            assert report["devices"] == devices and "simulated CPU devices" in report["note"]
+        assert found["mesh"]["fsdp"] == devices and found["batch"] == 64
+        peaks[devices] = found["peak"]
+        state[devices] = found["arguments"] - 64 // devices * INPUT_BYTES
+        params = model_info(load_spec(QUICKSTART, SMALL_FSDP), devices)
+        assert state[devices] == pytest.approx(3 * params["param_bytes_per_device"], rel=0.01)
+    assert peaks[2] > peaks[8] > peaks[16]
+    assert state[2] > 3.5 * state[8] and state[8] > 1.8 * state[16]
+
+
+@pytest.mark.slow
+def test_max_batch_fits_and_its_double_does_not():
+    limit = 16 * 2**20
+    args = ["info", str(QUICKSTART), *SMALL_RUN, "--devices", "8", "--device-memory", "16MiB"]
+    result = CliRunner().invoke(cli, [*args, "--max-batch", "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.output)["memory"]
+    assert facts["device_memory"]["bytes"] == limit
+    (found,) = facts["max_batch"]
+    batch = found["batch"]
+    assert found["strategy"] == "dp" and batch % 8 == 0 and found["next_batch"] == batch + 8
+    assert found["peak"] <= limit < found["next_peak"]
+    assert found["compiles"] <= 6  # the search follows the (nearly linear) peak
+
+    # checked again by the estimate itself, in a fresh estimator
+    check = memory.Estimator(QUICKSTART, SMALL_RUN, devices=8)
+    assert check.estimate("dp", batch).peak <= limit
+    assert check.estimate("dp", 2 * batch).peak > limit

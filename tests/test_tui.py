@@ -198,3 +198,80 @@ def test_plugins_screen_lists_a_registered_plugin(tmp_path):
         asyncio.run(scenario())
     finally:
         unregister_plugin("tui-test-plugin")
+
+
+# ------------------------------------------------------------- will it fit?
+async def open_launch_screen(pilot, app: ClipctlApp, spec_path: Path) -> LaunchScreen:
+    app.open_editor(spec_path)
+    await pilot.pause()
+    await pilot.press("ctrl+l")
+    assert isinstance(app.screen, LaunchScreen)
+    return app.screen
+
+
+def memory_text(screen: LaunchScreen) -> str:
+    return str(screen.query_one("#launch-memory").render())
+
+
+@pytest.mark.slow
+def test_launch_screen_warns_before_launching_a_run_that_does_not_fit(
+    small_run, tmp_path, monkeypatch
+):
+    from clipctl import runs
+
+    monkeypatch.setenv("CLIP_JAX_DEVICE_MEMORY", "1MiB")  # what the estimate compares with
+    runs_root = tmp_path / "runs"
+    overrides = [o for o in small_run if not o.startswith("run.output_dir")]
+    spec_path = write_spec(
+        tmp_path / "big.toml", overrides + [f"run.output_dir={runs_root / 'big'}"]
+    )
+
+    async def scenario():
+        app = ClipctlApp(runs_root=runs_root, cwd=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            launch = await open_launch_screen(pilot, app, spec_path)
+            assert "estimating" in memory_text(launch)  # in a worker: the screen is up
+
+            def estimated() -> bool:
+                return launch.fits is not None or "failed" in memory_text(launch)
+
+            await wait_until(pilot, estimated, 120, "the estimate")
+            assert launch.fits is False, memory_text(launch)
+            assert "DOES NOT FIT" in memory_text(launch) and "1MiB" in memory_text(launch)
+            assert launch.query_one("#launch-memory").has_class("-too-big")
+
+            await pilot.press("ctrl+l")  # warned, not launched
+            await pilot.pause()
+            assert app.screen is launch and launch.warned
+            assert not (runs_root / "big").exists()
+            await pilot.press("ctrl+l")  # the user insists: launched
+            await pilot.pause()
+            assert isinstance(app.screen, RunsScreen)
+
+        try:
+            assert runs.summarize(runs_root / "big").state in runs.ACTIVE | runs.ENDED
+        finally:
+            runs.stop(runs_root / "big")
+            runs.wait_for_state(runs_root / "big", runs.ENDED, 120)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_a_failing_estimate_is_shown_and_the_app_goes_on(small_run, tmp_path):
+    spec_path = write_spec(tmp_path / "odd.toml", small_run + ["train.batch_size=100"])
+
+    async def scenario():
+        app = ClipctlApp(runs_root=tmp_path / "runs", cwd=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            launch = await open_launch_screen(pilot, app, spec_path)
+            await wait_until(
+                pilot, lambda: "failed" in memory_text(launch), 120, "the failed estimate"
+            )
+            assert "batch 100 must be a multiple of" in memory_text(launch)
+            assert launch.fits is None and app.screen is launch
+            await pilot.press("escape")
+            await pilot.pause()
+            assert not isinstance(app.screen, LaunchScreen)
+
+    asyncio.run(scenario())

@@ -163,19 +163,39 @@ def _interrupt_on_sigterm():
 @cli.command()
 @spec_argument
 @overrides_argument
-@click.option("--devices", type=int, default=None, help="Size the mesh for N devices.")
+@click.option("--devices", type=click.IntRange(min=1), help="Size the mesh for N devices.")
+@click.option("--batch", type=click.IntRange(min=1), help="Global batch (default: the spec's).")
+@click.option("--device", "device_name", metavar="NAME", help="Accelerator: tpu-v5e, h100...")
+@click.option("--device-memory", "memory_size", metavar="SIZE", help="Per device: 16GiB, 80GB...")
+@click.option("--max-batch", is_flag=True, help="Search the largest global batch that fits.")
+@click.option("--strategies", metavar="LIST", help="Sharding strategies: a comma list, or all.")
+@click.option("--microbatches", metavar="LIST", help="Micro-batch counts: a comma list.")
+@click.option("--no-memory", is_flag=True, help="Skip the compiled memory estimate.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def info(spec: str, overrides: tuple[str, ...], devices: int | None, as_json: bool) -> None:
-    """Parameter counts, training FLOPs per pair and per-device bytes (no data needed)."""
+def info(spec: str, overrides: tuple[str, ...], **options) -> None:
+    """Parameter counts, training FLOPs per pair, per-device bytes, and will it fit.
+
+    \b
+    The memory per device is XLA's for the compiled train step (no data, nothing
+    allocated) on a mesh of --devices, simulated on CPU when this machine has fewer,
+    compared with --device NAME, --device-memory SIZE or the local accelerator's.
+    --max-batch finds the largest global batch that fits, per strategy
+    (--strategies all) and micro-batch count (--microbatches 1,2,4).
+    """
     resolved = _load(spec, overrides)
     from clip_jax.errors import UserError
     from clip_jax.info import model_info
 
     try:
-        facts = model_info(resolved, devices)
+        memory = _memory_request(**options)
+        facts = model_info(resolved, options["devices"])
+        if memory is not None:
+            facts["memory"] = _memory_report(spec, overrides, facts["devices"], memory)
     except UserError as exc:
+        _fail(str(exc), EXIT_SPEC_ERROR)
+    except RuntimeError as exc:  # the simulated-devices subprocess failed
         _fail(str(exc))
-    if as_json:
+    if options["as_json"]:
         click.echo(json.dumps(facts))
         return
     counts = facts["parameters"]
@@ -192,6 +212,50 @@ def info(spec: str, overrides: tuple[str, ...], devices: int | None, as_json: bo
     ]
     for label, value in rows:
         click.echo(f"{label:<22} {value}")
+    if "memory" in facts:
+        from clip_jax.fits import format_report
+
+        click.echo("\n" + format_report(facts["memory"]))
+
+
+def _memory_request(**options) -> dict | None:
+    """``clip_jax.memory.report``'s arguments from the info options (None: no estimate)."""
+    from clip_jax.errors import UserError
+    from clip_jax.fits import device_memory
+
+    if options["no_memory"]:
+        if options["max_batch"]:
+            raise UserError("--max-batch needs the memory estimate: drop --no-memory")
+        return None
+    micro, strategies = options["microbatches"], options["strategies"]
+    try:
+        counts = [int(k) for k in micro.split(",")] if micro else None
+    except ValueError:
+        raise UserError(f"--microbatches: {micro!r} is not a comma list of integers") from None
+    return {
+        "batch": options["batch"],
+        "memory": device_memory(options["device_name"], options["memory_size"]) or "local",
+        "search": options["max_batch"],
+        "strategies": [s.strip() for s in strategies.split(",")] if strategies else None,
+        "microbatches": counts,
+        "live": not options["as_json"] and sys.stderr.isatty(),
+    }
+
+
+def _memory_report(spec: str, overrides: tuple[str, ...], devices: int, request: dict):
+    from clip_jax.memory import report
+
+    live = request.pop("live")
+    width = shutil.get_terminal_size().columns - 4
+
+    def show(message: str) -> None:  # one line, rewritten in place, cleared at the end
+        click.echo(f"\r\x1b[2K{message[:width]}...", nl=False, err=True)
+
+    try:
+        return report(spec, overrides, devices, progress=show if live else None, **request)
+    finally:
+        if live:
+            click.echo("\r\x1b[2K", nl=False, err=True)
 
 
 def _run_folder(run_dir: str) -> Path:

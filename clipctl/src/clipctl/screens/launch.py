@@ -1,15 +1,21 @@
-"""Before launching: what differs from the template, the resolved spec, then go.
+"""Before launching: what differs from the template, will it fit, the resolved spec, go.
 
-The run starts as its own process (see ``clipctl.runs.launch``) and the app moves to
-the runs screen to watch it.
+The memory estimate compiles the train step for the local devices in a subprocess
+(``clip_jax.memory.run_worker``), so the screen stays responsive and the app never
+imports jax; launching a run that does not fit asks for a second ctrl+l. The run starts
+as its own process (see ``clipctl.runs.launch``) and the app moves to the runs screen.
 """
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.syntax import Syntax
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -38,6 +44,35 @@ def changes(original: dict[str, Any], edited: dict[str, Any]) -> list[str]:
     return lines
 
 
+def memory_summary(report: dict[str, Any]) -> tuple[str, bool | None]:
+    """(Rich text, fits) of a ``clip_jax.memory`` report for one strategy: peak per
+    device, its parts and the verdict against the device memory (None: unknown)."""
+    from clip_jax.fits import size
+
+    e, memory = report["estimates"][0], report["device_memory"]
+    mesh = " x ".join(f"{axis}={n}" for axis, n in e["mesh"].items())
+    lines = [
+        f"[b]memory per device[/b]  {e['strategy']}, {mesh}, batch {e['batch']:,} "
+        f"({e['per_device_batch']:,} / device)",
+        f"peak {size(e['peak'])}: state and batch {size(e['arguments'])}, temporaries "
+        f"{size(e['temporaries'])}",
+    ]
+    fits = e["fits"]
+    if memory is None:
+        lines.append("no local accelerator reports its memory (see `clipctl info --device`)")
+    else:
+        share = f"{e['peak'] / memory['bytes']:.0%} of {escape(memory['label'])}"
+        lines.append(
+            f"[green]fits[/green]: {share}"
+            if fits
+            else f"[b red]DOES NOT FIT[/b red]: {share}; lower train.batch_size or raise "
+            "train.microbatches (`clipctl info --max-batch --microbatches 1,2,4`)"
+        )
+    if report.get("note"):
+        lines.append(f"[dim]* {escape(report['note'])}[/dim]")
+    return "\n".join(lines), fits
+
+
 class LaunchScreen(Screen):
     BINDINGS = [
         Binding("ctrl+l", "launch", "Launch run", id="launch.start", priority=True),
@@ -47,6 +82,9 @@ class LaunchScreen(Screen):
     def __init__(self, path: Path, original: dict[str, Any], resolved: dict[str, Any]) -> None:
         super().__init__()
         self.path, self.original, self.resolved = path, original, resolved
+        self.fits: bool | None = None  # None: unknown (estimating, failed, no memory size)
+        self.warned = False  # a run that does not fit launches on the second ctrl+l
+        self._estimating: subprocess.Popen | None = None
 
     def compose(self) -> ComposeResult:
         from clip_jax.spec import to_toml, validate
@@ -59,8 +97,12 @@ class LaunchScreen(Screen):
         with VerticalScroll(id="launch-pane"):
             yield Static(
                 f"spec:       {self.path}\nrun folder: {output_dir}\n\n"
-                "[b]changed from the template[/b]\n" + "\n".join(diff) + "\n",
+                "[b]changed from the template[/b]\n" + "\n".join(diff),
                 id="launch-summary",
+            )
+            yield Static(
+                "[b]memory per device[/b]  estimating: compiling the train step...",
+                id="launch-memory",
             )
             resolved_toml = to_toml(validate(edited))
             yield Static(Syntax(resolved_toml, "toml", theme="ansi_dark"), id="launch-resolved")
@@ -68,11 +110,62 @@ class LaunchScreen(Screen):
 
     def on_mount(self) -> None:
         self.sub_title = "launch"
+        self.estimate_memory()
+
+    @work(thread=True, exclusive=True, group="estimate")
+    def estimate_memory(self) -> None:
+        from clip_jax.memory import run_worker
+
+        request = {"path": str(self.path), "overrides": [], "devices": None, "batch": None}
+        request |= {"memory": "local", "search": False, "strategies": None, "microbatches": None}
+        try:
+            report = run_worker(request, simulate=False, on_process=self._started)
+            text, fits = memory_summary(report)
+        except Exception as exc:  # shown, never fatal: the run can still be launched
+            lines = [escape(line) for line in str(exc).strip().splitlines()]
+            lines = lines or [type(exc).__name__]
+            text = "\n".join(
+                [f"[b]memory per device[/b]  [red]estimate failed[/red]: {lines[0]}"]
+                + lines[1:][-3:]
+            )
+            fits = None
+        with contextlib.suppress(RuntimeError):  # the app has closed meanwhile
+            self.app.call_from_thread(self._show_estimate, text, fits)
+
+    def _started(self, process: subprocess.Popen) -> None:
+        self._estimating = process
+
+    def _show_estimate(self, text: str, fits: bool | None) -> None:
+        self._estimating = None
+        if not self.is_attached:
+            return
+        self.fits = fits
+        shown = self.query_one("#launch-memory", Static)
+        shown.update(text)
+        shown.set_class(fits is False, "-too-big")
+
+    def _stop_estimate(self) -> None:
+        process, self._estimating = self._estimating, None
+        if process is not None and process.poll() is None:
+            process.terminate()  # it may hold the accelerator the run needs
+
+    def on_unmount(self) -> None:
+        self._stop_estimate()
 
     def action_launch(self) -> None:
         from clip_jax.errors import UserError
         from clipctl import runs
 
+        if self.fits is False and not self.warned:
+            self.warned = True
+            self.notify(
+                "this run does not fit in the device memory (see above); press ctrl+l "
+                "again to launch it anyway",
+                severity="warning",
+                timeout=8,
+            )
+            return
+        self._stop_estimate()
         try:
             summary = runs.launch(self.path)
         except UserError as exc:

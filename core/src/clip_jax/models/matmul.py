@@ -52,12 +52,12 @@ def mixed_dot_general(
     trailing = tuple(lhs_contract) == tuple(range(lhs.ndim - n, lhs.ndim))
     leading = tuple(rhs_contract) == tuple(range(n))
     if lhs_batch or rhs_batch or not (trailing and leading):
-        out = lax.dot_general(
-            lhs.astype(matmul_dtype),
-            rhs.astype(matmul_dtype),
-            dimension_numbers,
-            preferred_element_type=jnp.float32,
-        )
+        # Other forms: inputs rounded to matmul_dtype, multiplied in float32, which every
+        # backend runs (XLA's CPU backend refuses some bf16 forms at run time).
+        def rounded(x):
+            return x.astype(matmul_dtype).astype(jnp.float32)
+
+        out = lax.dot_general(rounded(lhs), rounded(rhs), dimension_numbers)
         return out.astype(out_dtype)
     return _dense_product(lhs, rhs, n, matmul_dtype, jnp.dtype(out_dtype))
 
@@ -97,17 +97,22 @@ def _dense_backward(contracted, matmul_dtype, out_dtype, residuals, g):
 
 
 def _weight_grad(x_MxK: jax.Array, g_MxN: jax.Array) -> jax.Array:
-    """x^T . g in float32. Written as a product over a unit batch of rows, whose operand
-    transpose XLA materialises instead of folding it into the product: XLA's CPU
-    backend runs a product that contracts the rows of both operands by upcasting to
-    float32 (5x slower than this form, measured on an avx512_bf16 CPU)."""
-    m = x_MxK.shape[0]
-    return jnp.einsum(
-        "cmk,cmn->kn",
-        x_MxK.reshape(1, m, -1),
-        g_MxN.reshape(1, m, -1),
-        preferred_element_type=jnp.float32,
-    )
+    """x^T . g in float32, written for XLA's CPU backend, which runs a bf16 product
+    fast only in row-major form: a product contracting the rows of both operands is
+    upcast to float32 (5x slower, measured on an avx512_bf16 CPU). A product over a
+    unit batch of rows makes XLA materialise the transposed operand instead of folding
+    the transpose into the product; the smaller operand is the one transposed."""
+    m, k, n = x_MxK.shape[0], x_MxK.shape[1], g_MxN.shape[1]
+    if k <= n:
+        return _rows_product(x_MxK.reshape(1, m, k), g_MxN.reshape(1, m, n))
+    return _rows_product(g_MxN.reshape(1, m, n), x_MxK.reshape(1, m, k)).T
+
+
+def _rows_product(a_1xMxA: jax.Array, b_1xMxB: jax.Array) -> jax.Array:
+    out_AxB = jnp.einsum("cma,cmb->ab", a_1xMxA, b_1xMxB, preferred_element_type=jnp.float32)
+    # The barrier keeps a consumer's transpose out of the product: folded in, it gives
+    # a form XLA's CPU backend cannot run in bf16 at all.
+    return lax.optimization_barrier(out_AxB)
 
 
 def _dense_fwd_rule(x, w, contracted, matmul_dtype, out_dtype):
