@@ -1,7 +1,6 @@
 """Gradient caching: k micro-batches give the full batch's loss and gradients, every
 negative included, with about k-fold less activation memory."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +28,7 @@ def value_and_grads(spec, comps, k: int, objective=None, labels=None, params=Non
         fn = cached_value_and_grad(objective, k)
 
     def run(params, images, tokens, labels):
-        with layout.mesh, nn.logical_axis_rules(layout.all_rules):
+        with layout.activate():
             return fn(params, images, tokens, labels, jax.random.key(0))
 
     (loss, metrics), grads = jax.jit(run)(params, images, tokens, labels)

@@ -15,7 +15,9 @@ The trainer creates the train state directly with these shardings (``jax.jit`` w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import jax
@@ -26,6 +28,18 @@ from clip_jax.errors import UserError
 from clip_jax.schemas import MeshOptions
 
 AXES = ("data", "fsdp", "model")
+# The mesh a model is being traced for. Flax's ``with_logical_constraint`` is a no-op
+# unless it is given a mesh (or a global abstract mesh is set, which would also make
+# Flax constrain DenseGeneral's flat kernel initialiser, and fail), so the constraints
+# get it from here.
+_ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing ``Layout.activate()``, or None (e.g. encoding on one device)."""
+    return _ACTIVE_MESH.get()
+
+
 BATCH_AXES = ("data", "fsdp")
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -46,6 +60,19 @@ class Layout:
     @property
     def batch_divisor(self) -> int:
         return int(np.prod([self.mesh.shape[a] for a in self.batch_axes]))
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[None]:
+        """Trace the model under this mesh and the logical rules, so that its activation
+        constraints (``models.layers.constrain``) apply."""
+        import flax.linen as nn
+
+        token = _ACTIVE_MESH.set(self.mesh)
+        try:
+            with self.mesh, nn.logical_axis_rules(self.all_rules):
+                yield
+        finally:
+            _ACTIVE_MESH.reset(token)
 
     @property
     def all_rules(self) -> Rules:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.models.matmul import dot_general_for
+from clip_jax.sharding import active_mesh
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -74,6 +75,22 @@ def block_config(options, dtype=None) -> BlockConfig:
         matmul_dtype=None if matmul is None else DTYPES[matmul],
         param_dtype=DTYPES[getattr(options, "param_dtype", "float32")],
     )
+
+
+# Activations inside a block stay split over the batch axes (and, under tensor
+# parallelism, over heads / MLP units like the weights that make them). Without these,
+# XLA may meet an FSDP-sharded weight by gathering the batch instead of the weight.
+HEADS_ACTIVATION = ("batch", None, "heads", None)
+MLP_ACTIVATION = ("batch", None, "mlp")
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """A logical sharding constraint under ``Layout.activate()``; a no-op elsewhere
+    (e.g. encoding on one device)."""
+    mesh = active_mesh()
+    if mesh is None:
+        return x
+    return nn.with_logical_constraint(x, names, mesh=mesh)
 
 
 def dense_init(axes: tuple[str | None, ...]):
@@ -148,12 +165,16 @@ class Attention(nn.Module):
 
         q_BxLxHxK = project("query", x_BxLxD)
         k_BxSxHxK, v_BxSxHxK = project("key", kv_BxSxD), project("value", kv_BxSxD)
+        q_BxLxHxK, k_BxSxHxK, v_BxSxHxK = (
+            constrain(t, HEADS_ACTIVATION) for t in (q_BxLxHxK, k_BxSxHxK, v_BxSxHxK)
+        )
         if cfg.qk_norm:  # ViT-22B: normalise queries and keys per head, stabler logits
             q_BxLxHxK = make_norm(cfg, "query_norm", "kv")(q_BxLxHxK)
             k_BxSxHxK = make_norm(cfg, "key_norm", "kv")(k_BxSxHxK)
         if cfg.rotary:
             q_BxLxHxK, k_BxSxHxK = rotate(q_BxLxHxK), rotate(k_BxSxHxK)
         out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask)
+        out_BxLxHxK = constrain(out_BxLxHxK, HEADS_ACTIVATION)
         return nn.DenseGeneral(
             width,
             axis=(-2, -1),
@@ -184,9 +205,10 @@ class Mlp(nn.Module):
             kernel_init=dense_init(("embed", "mlp")),
             bias_init=zeros(("mlp",)),
         )
-        h_BxLxM = dense(cfg.mlp_hidden, name="fc1")(x_BxLxD)
+        h_BxLxM = constrain(dense(cfg.mlp_hidden, name="fc1")(x_BxLxD), MLP_ACTIVATION)
         if cfg.activation == "swiglu":
-            h_BxLxM = nn.silu(dense(cfg.mlp_hidden, name="gate")(x_BxLxD)) * h_BxLxM
+            gate_BxLxM = constrain(dense(cfg.mlp_hidden, name="gate")(x_BxLxD), MLP_ACTIVATION)
+            h_BxLxM = nn.silu(gate_BxLxM) * h_BxLxM
         else:
             h_BxLxM = ACTIVATIONS[cfg.activation](h_BxLxM)
         return dense(
@@ -251,7 +273,7 @@ class ScannedBlock(Block):
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, mask: jax.Array | None):
         x_BxLxD = super().__call__(x_BxLxD, mask)
-        return nn.with_logical_constraint(x_BxLxD, ("batch", None, None)), None
+        return constrain(x_BxLxD, ("batch", None, None)), None
 
 
 class Encoder(nn.Module):
@@ -290,7 +312,7 @@ class Encoder(nn.Module):
             x_BxLxD = block(self.cfg, self.deterministic, name=f"block_{i}")(x_BxLxD, mask)
             # Activations stay split over the batch axes whatever the parameters do
             # (a no-op outside a mesh context, e.g. when encoding on one device).
-            x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", None, None))
+            x_BxLxD = constrain(x_BxLxD, ("batch", None, None))
         return x_BxLxD
 
 

@@ -21,15 +21,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from clip_jax.models.layers import constrain
 
 
 def _split(x: jax.Array, k: int) -> jax.Array:
     """(B, ...) -> (k, B/k, ...), micro-batch i holding rows i, i+k, ..."""
     micro = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
-    return nn.with_logical_constraint(micro, (None, "batch") + (None,) * (x.ndim - 1))
+    return constrain(micro, (None, "batch") + (None,) * (x.ndim - 1))
 
 
 def _merge(x: jax.Array) -> jax.Array:

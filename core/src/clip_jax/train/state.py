@@ -124,7 +124,7 @@ def make_train_step(
 
     def train_step(state: State, images_BxHxWxC: jax.Array, tokens_BxL: jax.Array, labels_B=None):
         # Trace under the mesh and the logical rules: activation constraints apply.
-        with layout.mesh, nn.logical_axis_rules(layout.all_rules):
+        with layout.activate():
             return _train_step(state, images_BxHxWxC, tokens_BxL, labels_B)
 
     def _train_step(state: State, images_BxHxWxC, tokens_BxL, labels_B):
