@@ -132,3 +132,37 @@ def test_activation_memory_drops_with_micro_batches():
     full, micro = temp_bytes(spec, comps, 1), temp_bytes(spec, comps, 8)
     # 8 micro-batches: at least 4x less scratch memory (the rest is parameters' size).
     assert micro * 4 < full, (full, micro)
+
+
+@pytest.mark.slow
+def test_a_run_with_micro_batches_trains_like_the_full_batch(small_run, tmp_path):
+    """Through the trainer: the same losses step by step, and a clear error when a
+    micro-batch cannot be split over the devices."""
+    from clip_jax.errors import UserError
+    from clip_jax.run_folder import RunFolder
+    from clip_jax.spec import load_spec
+    from clip_jax.train.trainer import train
+    from tests.conftest import QUICKSTART
+
+    losses = {}
+    for k in (1, 4):
+        out = tmp_path / f"micro{k}"
+        spec = load_spec(
+            QUICKSTART,
+            [*small_run, "train.steps=10", f"train.microbatches={k}", f"run.output_dir={out}"],
+        )
+        train(spec)
+        records = [r for r in RunFolder(out).metrics() if r["split"] == "train"]
+        losses[k] = [r["loss"] for r in records]
+    np.testing.assert_allclose(losses[4], losses[1], rtol=1e-4)
+    bad = load_spec(
+        QUICKSTART,
+        [
+            *small_run,
+            "train.microbatches=64",
+            "sharding.mesh.data=8",
+            f"run.output_dir={tmp_path}/bad",
+        ],
+    )
+    with pytest.raises(UserError, match="64 micro-batches"):
+        train(bad)

@@ -117,3 +117,32 @@ def test_ctrl_c_saves_a_checkpoint_and_rerun_resumes(small_run, tmp_path):
     steps = [r["step"] for r in train_lines(folder)]
     assert steps == list(range(1, 61))
     assert json.loads(resumed.stdout.decode().splitlines()[-1])["zero_shot_classes"] == 16
+
+
+@pytest.mark.slow
+def test_records_written_a_step_late_hold_their_own_step_and_say_where_time_went(
+    small_run, tmp_path
+):
+    # log_every=3 is neither an eval nor a checkpoint step: those records are written
+    # after the next step is dispatched, and must still be their own step's.
+    common = ["train.steps=10", "train.checkpoint_every=5", "eval.every=5"]
+    late = load_spec(QUICKSTART, small_run + common + ["train.log_every=3"])
+    every = load_spec(
+        QUICKSTART,
+        small_run + common + ["train.log_every=1", f"run.output_dir={tmp_path / 'every'}"],
+    )
+    train(late)
+    train(every)
+    late_lines = train_lines(RunFolder(late.run.output_dir))
+    every_lines = {r["step"]: r for r in train_lines(RunFolder(every.run.output_dir))}
+
+    assert [r["step"] for r in late_lines] == [3, 6, 9, 10]
+    for record in late_lines:
+        for key in ("loss", "learning_rate", "grad_norm", "skipped_records"):
+            assert record[key] == every_lines[record["step"]][key], key
+        assert 0.0 <= record["time/data_wait_frac"] <= 1.0
+        assert record["time/step_s"] > 0 and record["images_per_s"] > 0
+        assert record["time/eval_s"] >= 0 and record["time/checkpoint_s"] >= 0
+    # Steps 5's evaluation and checkpoint fall between the records of steps 3 and 6.
+    assert late_lines[1]["time/eval_s"] > 0 and late_lines[1]["time/checkpoint_s"] > 0
+    assert late_lines[0]["time/eval_s"] == 0 and late_lines[0]["time/checkpoint_s"] == 0

@@ -27,6 +27,9 @@ class LocalBatch:
     images: np.ndarray
     captions: list[str]
     skipped: int  # records dropped so far by this process's readers
+    # This process's readers' positions after this batch: a checkpoint saved after the
+    # step that used it resumes here, however far a prefetcher has read ahead.
+    positions: np.ndarray
     labels: np.ndarray | None = None  # B int64 (-1: no label), when the readers read labels
 
 
@@ -98,6 +101,7 @@ class Readers:
             images=np.concatenate([b.images for b in batches]),
             captions=[c for b in batches for c in b.captions],
             skipped=self.skipped_total,
+            positions=self.local_positions(),
             labels=np.concatenate([b.labels for b in batches]) if self.labels else None,
         )
 

@@ -1,12 +1,15 @@
 """Progress for people: a rich bar on a terminal, plain periodic lines elsewhere.
 
 Both show step, loss, images/s and ETA. Every line also goes to the run's ``run.log``.
+The ``Clock`` measures where the time between two train records went.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 from clip_jax.run_folder import RunFolder
@@ -15,6 +18,58 @@ from clip_jax.run_folder import RunFolder
 def format_eta(seconds: float) -> str:
     seconds = max(int(seconds), 0)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Clock:
+    """images/s and the ``time/*`` keys of a train record, over the steps since the last.
+
+    ``time/step_s`` is the mean wall time of a step with evaluations and checkpoint saves
+    left out (they have their own keys), ``time/data_wait_frac`` the share of the wall time
+    the loop waited for its next batch (with no step left on the device: the input
+    pipeline's share of the time). ``images_per_s`` counts all the wall time between the
+    two records. The clock starts after the first step: compilation is not counted.
+    """
+
+    PARTS = ("data_wait", "eval", "checkpoint")
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.step = 0
+        self.spent = dict.fromkeys(self.PARTS, 0.0)
+
+    @property
+    def started(self) -> bool:
+        return self.since is not None
+
+    def start(self, step: int) -> None:
+        """Count from now, ``step`` being done."""
+        self.since, self.step = time.perf_counter(), step
+        self.spent = dict.fromkeys(self.PARTS, 0.0)
+
+    @contextmanager
+    def timing(self, part: str) -> Iterator[None]:
+        """Add the time the block takes to ``part`` (one of ``PARTS``)."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[part] += time.perf_counter() - began
+
+    def lap(self, step: int, batch_size: int) -> dict[str, float]:
+        """The figures since the last lap, ``step`` having just finished; then restart."""
+        elapsed = time.perf_counter() - (self.since or time.perf_counter())
+        steps = step - self.step
+        stepping = max(elapsed - self.spent["eval"] - self.spent["checkpoint"], 0.0)
+        wait_frac = min(self.spent["data_wait"] / elapsed, 1.0) if elapsed > 0 else 0.0
+        figures = {
+            "images_per_s": steps * batch_size / elapsed if steps else 0.0,
+            "time/step_s": stepping / steps if steps else 0.0,
+            "time/data_wait_frac": wait_frac,
+            "time/eval_s": self.spent["eval"],
+            "time/checkpoint_s": self.spent["checkpoint"],
+        }
+        self.start(step)
+        return figures
 
 
 class Progress:

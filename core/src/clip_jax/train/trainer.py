@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack, suppress
 from typing import Any, TextIO
 
 import jax
@@ -24,7 +25,8 @@ from clip_jax.evaluate import evaluate, padded_encoder
 from clip_jax.run_folder import RunFolder, RunFolderConflict, check_run_folder  # noqa: F401
 from clip_jax.spec import RunSpec
 from clip_jax.train.checkpoint import Checkpoints
-from clip_jax.train.progress import Progress
+from clip_jax.train.prefetch import Prefetch, StepBatch, device_batches
+from clip_jax.train.progress import Clock, Progress
 from clip_jax.train.signals import StopRequest
 from clip_jax.train.state import create_state, make_encoders, make_train_step, state_shardings
 
@@ -146,13 +148,16 @@ def _train(comps: Components, folder: RunFolder, stream: TextIO | None) -> dict[
     spec = comps.spec
     total, batch_size = spec.train.steps, spec.train.batch_size
     layout = comps.layout
-    if batch_size % (layout.batch_divisor * jax.process_count()):
+    micro = spec.train.microbatches
+    if batch_size % (layout.batch_divisor * jax.process_count() * micro):
+        per = f" x {micro} micro-batches" if micro > 1 else ""
         raise UserError(
             f"train.batch_size ({batch_size}) must be divisible by the {layout.batch_divisor} "
-            f"devices of the batch axes"
+            f"devices of the batch axes{per}"
         )
-    progress = Progress(total, 0, folder, stream, quiet=not folder.writable)
-    try:
+    with ExitStack() as closing:  # on every exit: checkpoints written out, then the bar
+        progress = Progress(total, 0, folder, stream, quiet=not folder.writable)
+        closing.callback(progress.close)
         progress.message(
             f"run folder {folder.path} | devices {jax.device_count()} | "
             f"processes {jax.process_count()} | preparing data"
@@ -165,6 +170,7 @@ def _train(comps: Components, folder: RunFolder, stream: TextIO | None) -> dict[
         checkpoints = Checkpoints(
             folder.checkpoints, spec.train.keep_checkpoints, spec.train.checkpoint_every
         )
+        closing.callback(checkpoints.close)
         latest = checkpoints.latest_step()
         if latest is None:
             if spec.train.init_from:  # no random init first: one state in memory, not two
@@ -178,134 +184,175 @@ def _train(comps: Components, folder: RunFolder, stream: TextIO | None) -> dict[
             state, data_state = checkpoints.restore(latest, abstract)
             folder.truncate_metrics(latest)
             progress.message(f"resumed from the checkpoint at step {latest}")
-        encoders = make_encoders(model)
         step = int(state["step"])
         progress.resume_at(step)
         final = folder.last_eval()
         if step >= total and final is not None and final.get("step") == step:
             progress.message(f"run already finished at step {step}")
             folder.write_status("finished", step=step, steps=total)
-            checkpoints.close()
             return final
-        results = _loop(
-            comps,
-            folder,
-            progress,
-            checkpoints,
-            tokenizer,
-            state,
-            data_state,
-            make_train_step(
-                model,
-                comps.loss.fn,
-                tx,
-                schedule,
-                shardings,
-                layout,
-                seed=spec.run.seed,
-                objective=comps.head.objective(model, comps.loss.fn),
-            ),
-            encoders,
+        train_step = make_train_step(
+            model,
+            comps.loss.fn,
+            tx,
+            schedule,
+            shardings,
+            layout,
+            seed=spec.run.seed,
+            objective=comps.head.objective(model, comps.loss.fn),
+            microbatches=spec.train.microbatches,
         )
-        checkpoints.close()
+        loop = TrainLoop(comps, folder, progress, checkpoints, tokenizer, make_encoders(model))
+        return loop.run(state, data_state, train_step)
+
+
+class TrainLoop:
+    """The steps of one run: dispatch, log, evaluate, save, stop when asked.
+
+    The host never waits for the step it has just launched: batches are prepared ahead
+    by a thread (``Prefetch``), and a log step's metrics stay on the device until the next
+    step is dispatched. Only the last step, a stop, an evaluation or a checkpoint writes
+    its record at once (each waits for the device anyway). The host runs at most one
+    step ahead of the device, which keeps the batches in flight few and lets the wait
+    for data measure the time the device is idle.
+    """
+
+    def __init__(
+        self,
+        comps: Components,
+        folder: RunFolder,
+        progress: Progress,
+        checkpoints: Checkpoints,
+        tokenizer: Callable,
+        encoders: tuple[Callable, Callable],
+    ):
+        self.comps, self.spec = comps, comps.spec
+        self.folder, self.progress, self.checkpoints = folder, progress, checkpoints
+        self.tokenizer, self.encoders = tokenizer, encoders
+        self.total = self.spec.train.steps
+        self.clock = Clock()
+        self.pending: tuple[int, Any, int] | None = None  # a log step's (step, metrics, skipped)
+
+    def is_log_step(self, step: int) -> bool:
+        return step % self.spec.train.log_every == 0
+
+    def is_final_step(self, step: int) -> bool:
+        return step == self.total
+
+    def is_eval_step(self, step: int) -> bool:
+        every = self.spec.eval.every
+        return bool(every) and step % every == 0 and not self.is_final_step(step)
+
+    def is_checkpoint_step(self, step: int) -> bool:
+        return step % self.spec.train.checkpoint_every == 0 or self.is_final_step(step)
+
+    def batches(self, data_state: dict[str, Any]) -> Prefetch:
+        """This process's batches from the checkpoint's positions on, prepared ahead."""
+        spec, keys, head = self.spec, self.comps.data.keys, self.comps.head
+        # Checkpoints before data.readers existed hold a single "position".
+        positions = data_state.get("positions", [data_state.get("position", 0)])
+        readers = Readers(
+            self.comps.data.train_files,
+            keys,
+            image_size=spec.model.vision.image_size,
+            global_batch=spec.train.batch_size,
+            seed=spec.run.seed,
+            positions=positions,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            preprocess=spec.preprocess,
+            labels=head.needs_labels,
+        )
+        labels = (lambda b: _checked_labels(b, head, keys)) if head.needs_labels else None
+        return Prefetch(readers, device_batches(self.comps.layout, self.tokenizer, labels))
+
+    def run(self, state, data_state: dict[str, Any], train_step: Callable) -> dict[str, Any]:
+        step, total = int(state["step"]), self.total
+        skipped_before = data_state.get("skipped", 0)  # all readers, up to the checkpoint
+        results: dict[str, Any] = {}
+        with self.batches(data_state) as batches, StopRequest() as stop:
+            # Processes stop together: a request to any one of them (Ctrl-C on its
+            # terminal, `clipctl stop` to process 0) is agreed on at the next sync point,
+            # so all save the same step and none is left waiting in a collective.
+            if distributed.any_process(stop.requested):  # before the first step: no save
+                self.stopped(step)
+            try:
+                in_flight = None  # the last step dispatched (its metrics)
+                while step < total:
+                    batch = self.next_batch(batches, in_flight)
+                    state, metrics = train_step(state, *batch.inputs)
+                    step += 1
+                    # The host keeps one step ahead of the device: it waits for the step
+                    # before this one, while the device has this one to run.
+                    jax.block_until_ready(in_flight)
+                    in_flight = metrics
+                    if not self.clock.started:  # the first step compiles: time from here on
+                        jax.block_until_ready(metrics)
+                        self.clock.start(step)
+                    self.write_pending()  # the last log step's: done
+                    stopping = _stop_agreed(stop.requested, self.is_log_step(step))
+                    if self.is_log_step(step) or self.is_final_step(step) or stopping:
+                        self.pending = (step, metrics, skipped_before + batch.skipped)
+                    eval_now = self.is_eval_step(step) and not stopping
+                    save_now = self.is_checkpoint_step(step) or stopping
+                    if eval_now or save_now:  # both wait for the device: the record first
+                        self.write_pending()
+                    if eval_now:
+                        with self.clock.timing("eval"):
+                            results = self.evaluate(step, state)
+                    if save_now:
+                        with self.clock.timing("checkpoint"):
+                            self.save(step, state, batch, skipped_before, force=stopping)
+                    if stopping:
+                        self.checkpoints.close()
+                        self.stopped(step)
+            finally:  # a failure after a log step still leaves its record
+                with suppress(Exception):
+                    self.write_pending()
+        results = self.evaluate(step, state)
+        self.folder.write_status("finished", step=step, steps=total)
         return results
-    finally:
-        progress.close()
 
+    def next_batch(self, batches: Prefetch, in_flight: Any) -> StepBatch:
+        """The next batch. When none is ready yet, the device first finishes its step, so
+        ``time/data_wait_frac`` counts the time it sits idle waiting for data."""
+        if in_flight is not None and not batches.ready():
+            jax.block_until_ready(in_flight)
+        with self.clock.timing("data_wait"):
+            return next(batches)
 
-def _loop(
-    comps,
-    folder,
-    progress,
-    checkpoints,
-    tokenizer,
-    state,
-    data_state,
-    train_step,
-    encoders,
-) -> dict[str, Any]:
-    spec = comps.spec
-    total, batch_size = spec.train.steps, spec.train.batch_size
-    layout, keys, head = comps.layout, comps.data.keys, comps.head
-    step = int(state["step"])
-    # Checkpoints before data.readers existed hold a single "position".
-    positions = data_state.get("positions", [data_state.get("position", 0)])
-    skipped_before = data_state.get("skipped", 0)  # all readers, up to the checkpoint
-    batches = Readers(
-        comps.data.train_files,
-        keys,
-        image_size=spec.model.vision.image_size,
-        global_batch=batch_size,
-        seed=spec.run.seed,
-        positions=positions,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        preprocess=spec.preprocess,
-        labels=head.needs_labels,
-    )
-    image_sharding, token_sharding = layout.batch_sharding(4), layout.batch_sharding(2)
-    results: dict[str, Any] = {}
-    timer, timed_steps = None, 0
+    def write_pending(self) -> None:
+        """Fetch the metrics of the pending log step and write its record."""
+        if self.pending is None:
+            return
+        (step, metrics, skipped), self.pending = self.pending, None
+        record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        batch_size = self.spec.train.batch_size
+        record |= self.clock.lap(step, batch_size)
+        record["skipped_records"] = skipped  # this process's readers
+        self.folder.append_metrics({"step": step, "split": "train", **record, "time": time.time()})
+        self.progress.update(step, {**record, "batch_size": batch_size})
+        self.folder.write_status("running", step=step, steps=self.total)
 
-    def save(force: bool = False) -> None:
+    def save(self, step: int, state, batch: StepBatch, skipped_before: int, force: bool) -> None:
+        """A checkpoint at ``step``, with the data position after ``batch``, its last."""
         # Every process owns some readers: gather all positions (a collective).
+        skipped = distributed.allgather(np.asarray([batch.skipped]))
         data = {
-            "positions": [int(p) for p in distributed.allgather(batches.local_positions())],
-            "skipped": skipped_before
-            + int(distributed.allgather(np.asarray([batches.skipped_total])).sum()),
+            "positions": [int(p) for p in distributed.allgather(batch.positions)],
+            "skipped": skipped_before + int(skipped.sum()),
         }
-        checkpoints.save(step, state, data, force=force)
+        self.checkpoints.save(step, state, data, force=force)
 
-    with StopRequest() as stop:
-        # Processes stop together: a request to any one of them (Ctrl-C on its terminal,
-        # `clipctl stop` to process 0) is agreed on at the next sync point, so all save
-        # the same step and none is left waiting in a collective.
-        if distributed.any_process(stop.requested):  # before the first step: nothing to save
-            progress.message(f"stopped at step {step}; rerun the same command to resume")
-            folder.write_status("interrupted", step=step, steps=total)
-            raise KeyboardInterrupt
-        while step < total:
-            batch = next(batches)
-            images = jax.make_array_from_process_local_data(image_sharding, batch.images)
-            tokens = jax.make_array_from_process_local_data(
-                token_sharding, tokenizer(batch.captions)
-            )
-            if head.needs_labels:
-                labels = jax.make_array_from_process_local_data(
-                    layout.batch_sharding(1), _checked_labels(batch.labels, head, keys)
-                )
-                state, metrics = train_step(state, images, tokens, labels)
-            else:
-                state, metrics = train_step(state, images, tokens)
-            step += 1
-            if timer is None:  # the first step includes compilation: time from here on
-                jax.block_until_ready(metrics)
-                timer, timed_steps = time.perf_counter(), 0
-            else:
-                timed_steps += 1
-            stopping = _stop_agreed(stop.requested, step % spec.train.log_every == 0)
-            if step % spec.train.log_every == 0 or step == total or stopping:
-                record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - timer
-                images_per_s = timed_steps * batch_size / elapsed if timed_steps else 0.0
-                timer, timed_steps = time.perf_counter(), 0
-                skipped = skipped_before + batch.skipped  # this process's readers
-                record |= {"images_per_s": images_per_s, "skipped_records": skipped}
-                _log_train(folder, progress, step, record, batch_size)
-                folder.write_status("running", step=step, steps=total)
-            eval_now = spec.eval.every and step % spec.eval.every == 0 and step < total
-            if eval_now and not stopping:
-                results = _evaluate(comps, folder, progress, step, state, tokenizer, encoders)
-            if step % spec.train.checkpoint_every == 0 or step == total or stopping:
-                save(force=stopping)
-            if stopping:
-                checkpoints.close()
-                progress.message(f"stopped at step {step}; rerun the same command to resume")
-                folder.write_status("interrupted", step=step, steps=total)
-                raise KeyboardInterrupt
-    results = _evaluate(comps, folder, progress, step, state, tokenizer, encoders)
-    folder.write_status("finished", step=step, steps=total)
-    return results
+    def evaluate(self, step: int, state) -> dict[str, Any]:
+        return _evaluate(
+            self.comps, self.folder, self.progress, step, state, self.tokenizer, self.encoders
+        )
+
+    def stopped(self, step: int) -> None:
+        self.progress.message(f"stopped at step {step}; rerun the same command to resume")
+        self.folder.write_status("interrupted", step=step, steps=self.total)
+        raise KeyboardInterrupt
 
 
 def _checked_labels(labels: np.ndarray, head, keys) -> np.ndarray:
@@ -324,11 +371,6 @@ def _stop_agreed(requested: bool, sync_point: bool) -> bool:
     if jax.process_count() == 1:
         return requested
     return sync_point and distributed.any_process(requested)
-
-
-def _log_train(folder, progress, step, record, batch_size) -> None:
-    folder.append_metrics({"step": step, "split": "train", **record, "time": time.time()})
-    progress.update(step, {**record, "batch_size": batch_size})
 
 
 def _evaluate(comps, folder, progress, step, state, tokenizer, encoders) -> dict[str, Any]:
