@@ -48,6 +48,7 @@ def test_values_and_gradients(x_shape, w_shape, dims):
         assert got.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_a_bf16_model_stays_close_to_float32_and_keeps_float32_parameters():
     small = ["model.vision.depth=1", "model.text.depth=1"]
     fast = ["model.vision.matmul_dtype=bfloat16", "model.text.matmul_dtype=bfloat16"]

@@ -47,13 +47,12 @@ def assert_same(reference, other, rtol=2e-5):
         np.testing.assert_allclose(a / scale, b / scale, atol=2e-5)
 
 
-@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("loss", ["softmax", pytest.param("sigmoid", marks=pytest.mark.slow)])
 def test_micro_batches_give_the_full_batch_loss_and_gradients(loss):
     spec, comps = build("dp", ["sharding.mesh.data=1"], loss, devices=jax.devices()[:1])
     params, full = value_and_grads(spec, comps, 1)
-    for k in (2, 4):
-        _, micro = value_and_grads(spec, comps, k, params=params)
-        assert_same(full, micro)
+    _, micro = value_and_grads(spec, comps, 4, params=params)
+    assert_same(full, micro)
     # Plain accumulation (each micro-batch scored alone) gives another loss: the
     # comparison above can tell the two apart.
     objective = contrastive_objective(comps.model, comps.loss.fn)
@@ -73,6 +72,7 @@ def test_micro_batches_compose_with_sharding_and_the_chunked_loss(strategy, loss
     assert_same(full, micro)
 
 
+@pytest.mark.slow
 def test_a_classification_head_is_exact_too():
     from clip_jax.heads import image_classification
     from clip_jax.schemas import ClassificationHeadOptions
@@ -88,6 +88,7 @@ def test_a_classification_head_is_exact_too():
     assert_same(full, micro)
 
 
+@pytest.mark.slow
 def test_a_plain_objective_is_accumulated():
     """A plugin's objective without a forward/score split: the mean over micro-batches."""
     spec, comps = build("dp", ["sharding.mesh.data=1"], "softmax", devices=jax.devices()[:1])

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from clip_jax.models.vit import VisionTower, drop_patches
 from clip_jax.schemas import VisionOptions
@@ -24,15 +25,14 @@ def test_kept_tokens_are_a_random_subset_with_the_class_token_first():
     assert not np.array_equal(out[0, 1:] - x[0, 0], out[1, 1:] - x[1, 0])  # per image
 
 
+@pytest.mark.slow
 def test_training_drops_patches_and_evaluation_sees_them_all():
     plain = VisionTower(VisionOptions(**OPTIONS))
     dropping = VisionTower(VisionOptions(**OPTIONS, patch_dropout=0.75))
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     params = plain.init(jax.random.key(1), images)
     # Same parameters; evaluation is exactly the model without patch dropout.
-    np.testing.assert_array_equal(
-        dropping.apply(params, images), plain.apply(params, images)
-    )
+    np.testing.assert_array_equal(dropping.apply(params, images), plain.apply(params, images))
     seen = []
     with jax.disable_jit():
         from flax import linen as nn
