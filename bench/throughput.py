@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
+from train_throughput import compiled_step, fixed_batch
 
 from clip_jax.components import components
 from clip_jax.data import pipeline
 from clip_jax.spec import load_spec
-from clip_jax.train.state import create_state, make_train_step, state_shardings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,17 +42,9 @@ def pipeline_rate(comps, batches: int = 40) -> float:
 
 
 def step_rate(comps, steps: int = 20) -> tuple[float, float]:
-    spec = comps.spec
-    tx, schedule = comps.optimizer()
-    init, _, shardings = state_shardings(comps.model, tx, comps.layout, spec)
-    state = create_state(init, shardings, seed=0)
-    step = make_train_step(comps.model, comps.loss.fn, tx, schedule, shardings, comps.layout)
-    v, t, batch = spec.model.vision, spec.model.text, spec.train.batch_size
-    rng = np.random.default_rng(0)
-    images = rng.normal(size=(batch, v.image_size, v.image_size, 3)).astype(np.float32)
-    tokens = rng.integers(1, 200, size=(batch, t.context_length)).astype(np.int32)
-    images = jax.device_put(images, comps.layout.batch_sharding(4))
-    tokens = jax.device_put(tokens, comps.layout.batch_sharding(2))
+    step, state = compiled_step(comps)  # the same step and fixed batch as train_throughput.py
+    images, tokens = fixed_batch(comps)
+    batch = comps.spec.train.batch_size
     start = time.perf_counter()
     state, metrics = step(state, images, tokens)
     jax.block_until_ready(metrics)
