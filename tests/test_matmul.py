@@ -80,3 +80,16 @@ def test_param_dtype_makes_bf16_parameters():
         for p in jax.tree.leaves(params["text"], is_leaf=lambda x: hasattr(x, "value"))
     }
     assert vision == {jnp.dtype(bf16)} and text == {jnp.dtype(jnp.float32)}
+
+
+def test_cudnn_attention_is_refused_without_bf16_or_without_a_gpu():
+    from clip_jax.errors import UserError
+    from clip_jax.spec import SpecError
+
+    with pytest.raises(SpecError, match="attention"):
+        load_spec(QUICKSTART, ["model.vision.attention=cudnn"])
+    spec = load_spec(QUICKSTART, ["model.text.attention=cudnn", "model.text.matmul_dtype=bfloat16"])
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU cuDNN attention is allowed")
+    with pytest.raises(UserError, match=r"model\.text\.attention: 'cudnn' runs on NVIDIA GPUs"):
+        components(spec).check()

@@ -66,12 +66,28 @@ class Components:
                 f"data.label_key: head {self.spec.head.name!r} trains on the records' integer "
                 'labels; set data.label_key to their int64 feature (e.g. "label")'
             )
+        self._check_attention()
         options = self.train_options
         if options.freeze or options.lr_scale or options.layer_decay is not None:
             from clip_jax.train import param_groups
             from clip_jax.train.state import param_shapes
 
             param_groups.check(options, param_shapes(self.model, self.spec))
+
+    def _check_attention(self) -> None:
+        towers = [t for t in ("vision", "text") if hasattr(self.spec.model, t)]
+        fused = [
+            t for t in towers if getattr(getattr(self.spec.model, t), "attention", "") == "cudnn"
+        ]
+        if not fused:
+            return
+        import jax
+
+        if jax.default_backend() != "gpu":
+            raise UserError(
+                f"model.{fused[0]}.attention: 'cudnn' runs on NVIDIA GPUs only and this "
+                f"machine's backend is {jax.default_backend()!r}; use 'xla'"
+            )
 
     @cached_property
     def layout(self):

@@ -52,12 +52,19 @@ class TowerOptions(Options):
     param_dtype: ComputeDtype = Field(
         "float32", description="parameters and optimizer moments (float32: master weights)"
     )
+    attention: Literal["xla", "cudnn"] = Field(
+        "xla",
+        description="cudnn: fused (flash) attention on NVIDIA GPUs, in bfloat16; xla: "
+        "runs anywhere",
+    )
     remat: Remat = Field("none", description="recompute activations in the backward pass")
     scan_layers: bool = Field(False, description="one traced block: compile time flat in depth")
 
     def _check_tower(self) -> None:
         if self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.attention == "cudnn" and "bfloat16" not in (self.dtype, self.matmul_dtype):
+            raise ValueError("attention = 'cudnn' needs dtype or matmul_dtype = 'bfloat16'")
 
 
 class VisionOptions(TowerOptions):

@@ -50,6 +50,7 @@ class BlockConfig:
     dtype: Any = jnp.float32
     matmul_dtype: Any = None  # None: products in ``dtype``
     param_dtype: Any = jnp.float32
+    attention: str = "xla"  # or "cudnn": jax.nn.dot_product_attention's implementation
 
     @property
     def dot_general(self):
@@ -74,6 +75,7 @@ def block_config(options, dtype=None) -> BlockConfig:
         dtype=DTYPES[options.dtype] if dtype is None else dtype,
         matmul_dtype=None if matmul is None else DTYPES[matmul],
         param_dtype=DTYPES[getattr(options, "param_dtype", "float32")],
+        attention=getattr(options, "attention", "xla"),
     )
 
 
@@ -135,6 +137,19 @@ def rotate(x_BxLxHxK: jax.Array, base: float = 10_000.0) -> jax.Array:
     return out.astype(x_BxLxHxK.dtype)
 
 
+def attend(cfg: BlockConfig, q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask) -> jax.Array:
+    """Scaled dot-product attention. cuDNN's fused kernel takes 16-bit inputs only, so
+    with activations in float32 (bf16 products) its inputs are cast and its output
+    cast back."""
+    if cfg.attention != "cudnn":
+        return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask)
+    dtype = q_BxLxHxK.dtype
+    low = cfg.matmul_dtype if jnp.dtype(dtype) == jnp.float32 else dtype
+    q, k, v = (t.astype(low or jnp.bfloat16) for t in (q_BxLxHxK, k_BxSxHxK, v_BxSxHxK))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    return out.astype(dtype)
+
+
 class Attention(nn.Module):
     cfg: BlockConfig
 
@@ -173,7 +188,7 @@ class Attention(nn.Module):
             k_BxSxHxK = make_norm(cfg, "key_norm", "kv")(k_BxSxHxK)
         if cfg.rotary:
             q_BxLxHxK, k_BxSxHxK = rotate(q_BxLxHxK), rotate(k_BxSxHxK)
-        out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask)
+        out_BxLxHxK = attend(cfg, q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask)
         out_BxLxHxK = constrain(out_BxLxHxK, HEADS_ACTIVATION)
         return nn.DenseGeneral(
             width,

@@ -91,7 +91,12 @@ def _dense_backward(contracted, matmul_dtype, out_dtype, residuals, g):
     dx_MxK = lax.dot_general(
         g_MxN, w_KxN, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
     )
-    dw_KxN = _weight_grad(x_MxK, g_MxN)
+    if jax.default_backend() == "cpu":
+        dw_KxN = _weight_grad(x_MxK, g_MxN)
+    else:  # GPU and TPU libraries take the transposed operand as is
+        dw_KxN = lax.dot_general(
+            x_MxK, g_MxN, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
     dx = dx_MxK.astype(x_dtype.dtype).reshape(x.shape)
     return dx, dw_KxN.astype(w_dtype.dtype).reshape(w.shape)
 

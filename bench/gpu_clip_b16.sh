@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The clip-b16 train step on one GPU (issue 11, item 6): images/s and MFU for each
+# precision and attention setting worth comparing, one process per setting so that each
+# starts with the whole device (about 3 minutes each on an H200, most of it compiling).
+# Needs jax with its CUDA plugin and clip_jax importable (installed, or
+# PYTHONPATH=core/src); TensorFlow is not needed.
+#
+#   bash bench/gpu_clip_b16.sh [batch]        # default 256; figures also in $OUT_DIR/*.txt
+set -u
+batch=${1:-256}
+out_dir=${OUT_DIR:-/tmp/gpu_clip_b16}
+mkdir -p "$out_dir"
+bf16="model.vision.dtype=bfloat16 model.text.dtype=bfloat16"
+run() {
+  local name=$1 size=$2
+  shift 2
+  echo "== $name (batch $size)"
+  # shellcheck disable=SC2086  # the settings are words
+  timeout "${LIMIT:-300}" python3 bench/train_throughput.py model.preset=clip-b16 \
+    "train.batch_size=$size" "$@" --no-run --steps 5 2>&1 | tee "$out_dir/$name-$size.txt" |
+    grep -E "device:|train step|model FLOPs|peak|Error|error" || echo "failed: $name"
+}
+# shellcheck disable=SC2086
+run bf16 "$batch" $bf16
+# shellcheck disable=SC2086
+run bf16 "$((batch * 2))" $bf16
+run f32-matmul-bf16 "$batch" model.vision.matmul_dtype=bfloat16 model.text.matmul_dtype=bfloat16
+# cuDNN's fused attention: on an H200 with cuDNN 9 it refused the image tower's 197 tokens.
+# shellcheck disable=SC2086
+run bf16-cudnn-text "$batch" $bf16 model.text.attention=cudnn
