@@ -14,6 +14,7 @@ import numpy as np
 
 from clip_jax.models.layers import DTYPES, MapHead, block_config, make_norm, tower_encoder
 from clip_jax.models.matmul import patch_conv_for
+from clip_jax.models.naflex import NaflexImages, as_patch_row, resample_positions
 from clip_jax.schemas import VisionOptions
 
 
@@ -42,10 +43,19 @@ class VisionTower(nn.Module):
     options: VisionOptions
 
     @nn.compact
-    def __call__(self, images_BxHxWxC: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array | NaflexImages, train: bool = False) -> jax.Array:
+        """Pooled features of square images (B x H x W x C), or of NaFlex images (padded
+        patch sequences at native aspect ratio, ``models.naflex``) with the same weights."""
         o = self.options
         dtype = DTYPES[o.dtype]
         cfg = block_config(o, dtype)
+        naflex = isinstance(images, NaflexImages)
+        if naflex and o.positions != "learned":
+            raise ValueError("NaFlex images need model.vision.positions = 'learned'")
+        if naflex and train and o.patch_dropout:
+            raise ValueError("NaFlex images and model.vision.patch_dropout do not combine")
+        # NaFlex: the patches side by side, one patch high, for the same patch embedding.
+        images_BxHxWxC = as_patch_row(images.patches_BxNxP, o.patch_size) if naflex else images
         patches_BxhxwxD = nn.Conv(
             o.width,
             (o.patch_size, o.patch_size),
@@ -74,16 +84,26 @@ class VisionTower(nn.Module):
             )
             cls_Bx1xD = jnp.broadcast_to(cls_D.astype(dtype), (batch, 1, o.width))
             x_BxNxD = jnp.concatenate([cls_Bx1xD, x_BxNxD], axis=1)
+        first = int(o.pool == "tok")  # tokens before the patches
         if o.positions == "learned":  # CLIP layout: the class token has a position too
+            side = o.image_size // o.patch_size  # the table is the square grid's
             pos_NxD = self.param(
                 "pos_embed",
                 nn.with_logical_partitioning(
                     nn.initializers.normal(o.width**-0.5), (None, "embed")
                 ),
-                x_BxNxD.shape[1:],
+                (first + side * side, o.width),
                 cfg.param_dtype,
             )
-            x_BxNxD = x_BxNxD + pos_NxD.astype(dtype)
+            if naflex:
+                table_GxGxD = pos_NxD[first:].reshape(side, side, o.width)
+                grid_BxNxD = resample_positions(
+                    table_GxGxD, images.grid_Bx2, x_BxNxD.shape[1] - first
+                )
+                lead_BxFxD = jnp.broadcast_to(pos_NxD[:first], (batch, first, o.width))
+                x_BxNxD = x_BxNxD + jnp.concatenate([lead_BxFxD, grid_BxNxD], 1).astype(dtype)
+            else:
+                x_BxNxD = x_BxNxD + pos_NxD.astype(dtype)
         if train and o.patch_dropout:
             x_BxNxD = drop_patches(
                 x_BxNxD, o.patch_dropout, int(o.pool == "tok"), self.make_rng("dropout")
@@ -101,12 +121,22 @@ class VisionTower(nn.Module):
             x_BxNxD = jnp.concatenate([x_BxNxD, reg_BxRxD], axis=1)
         if o.norm_pre:
             x_BxNxD = make_norm(cfg, "ln_pre")(x_BxNxD)
-        x_BxNxD = tower_encoder(o, cfg, deterministic=not train)(x_BxNxD)
+        valid_BxN = None
+        if naflex:  # padding patches are never read; the other tokens always are
+            ones = lambda n: jnp.ones((batch, n), jnp.bool_)
+            valid_BxN = jnp.concatenate([ones(first), images.valid_BxN, ones(o.registers)], 1)
+        mask = None if valid_BxN is None else valid_BxN[:, None, None, :]
+        x_BxNxD = tower_encoder(o, cfg, deterministic=not train)(x_BxNxD, mask)
         if o.registers:
             x_BxNxD = x_BxNxD[:, : -o.registers]
+            valid_BxN = None if valid_BxN is None else valid_BxN[:, : -o.registers]
         if o.pool == "tok":
             return make_norm(cfg, "ln_post")(x_BxNxD[:, 0])
         if o.pool == "gap":
-            return make_norm(cfg, "ln_post")(x_BxNxD.mean(axis=1))
+            if valid_BxN is None:
+                return make_norm(cfg, "ln_post")(x_BxNxD.mean(axis=1))
+            weights_BxNx1 = valid_BxN[..., None].astype(x_BxNxD.dtype)
+            mean_BxD = (x_BxNxD * weights_BxNx1).sum(1) / weights_BxNx1.sum(1)
+            return make_norm(cfg, "ln_post")(mean_BxD)
         x_BxNxD = make_norm(cfg, "ln_post")(x_BxNxD)
-        return MapHead(cfg, name="map_head")(x_BxNxD)
+        return MapHead(cfg, name="map_head")(x_BxNxD, valid_BxN)

@@ -1,0 +1,64 @@
+"""NaFlex: images at native aspect ratio as padded patch sequences, through the same
+ViT weights as square images."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clip_jax.models.naflex import NaflexImages, grid_for, pad_batch, resample_positions
+from clip_jax.models.vit import VisionTower
+from clip_jax.schemas import VisionOptions
+
+PATCH, SIDE = 8, 4  # a 32 px square image is a 4 x 4 grid
+
+
+def tower(pool: str, registers: int = 0) -> VisionTower:
+    return VisionTower(
+        VisionOptions(
+            width=32, depth=2, heads=4, image_size=PATCH * SIDE, patch_size=PATCH,
+            pool=pool, registers=registers,
+        )
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "budget"), [(100, 300, 64), (300, 100, 64), (50, 50, 16), (10, 900, 9)]
+)
+def test_the_grid_keeps_the_aspect_ratio_within_the_budget(height, width, budget):
+    rows, cols = grid_for(height, width, PATCH, budget)
+    assert 1 <= rows * cols <= budget
+    assert (rows + 1) * (cols + 1) > budget  # no larger grid of that shape would fit
+    if min(rows, cols) > 2:
+        assert abs(rows / cols - height / width) / (height / width) < 0.35
+
+
+def test_resampling_to_the_tables_own_grid_is_the_table():
+    table = jax.random.normal(jax.random.key(0), (SIDE, SIDE, 6))
+    out = resample_positions(table, jnp.array([[SIDE, SIDE], [2, 3]]), SIDE * SIDE)
+    np.testing.assert_array_equal(out[0], table.reshape(-1, 6))
+    assert np.all(out[1, 6:] == 0) and not np.all(out[1, :6] == 0)
+
+
+@pytest.mark.parametrize(("pool", "registers"), [("tok", 0), ("gap", 0), ("map", 2)])
+def test_a_square_image_gives_the_square_paths_embedding(pool, registers):
+    model = tower(pool, registers)
+    image = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
+    params = model.init(jax.random.key(0), jnp.asarray(image))
+    square = model.apply(params, jnp.asarray(image))
+    flex = model.apply(params, pad_batch([image[0]], PATCH, SIDE * SIDE + 5))
+    np.testing.assert_allclose(flex, square, atol=1e-5)
+
+
+@pytest.mark.parametrize(("pool", "registers"), [("tok", 0), ("gap", 0), ("map", 2)])
+def test_a_mixed_batch_equals_its_images_one_by_one(pool, registers):
+    model = tower(pool, registers)
+    rng = np.random.default_rng(1)
+    shapes = [(2, 6), (5, 3), (3, 3)]  # grids (rows, columns): wide, tall, square
+    images = [rng.normal(size=(r * PATCH, c * PATCH, 3)).astype(np.float32) for r, c in shapes]
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    batch = model.apply(params, pad_batch(images, PATCH, 16))
+    for i, image in enumerate(images):
+        alone = model.apply(params, pad_batch([image], PATCH, 24))  # other padding too
+        np.testing.assert_allclose(batch[i], alone[0], atol=1e-5)
+    assert isinstance(pad_batch(images, PATCH, 16), NaflexImages)
