@@ -122,6 +122,7 @@ def test_chunked_sigmoid_memory_is_a_fraction_of_gathered():
     assert chunked <= gathered / 4, (chunked, gathered)
 
 
+@pytest.mark.slow
 def test_softmax_across_devices_equals_single_device():
     layout = make_layout(*MESHES["data8"])
     img_BxD, txt_BxD = pairs(8 * 6, 16, seed=2)

@@ -97,8 +97,14 @@ def test_broken_toml_exits_2(tmp_path):
     spec.write_text("[train\n")
     result = clipctl("validate", spec)
     assert result.returncode == 2
-    assert "not valid TOML" in result.stderr
+    assert result.stderr.startswith(f"error: {spec}: line 1, column 7: not valid TOML: ")
     assert "Traceback" not in result.stderr
+
+
+def test_a_missing_spec_names_the_file(runner):
+    result = runner.invoke(cli, ["validate", "missing.toml"])
+    assert result.exit_code == 2
+    assert result.stderr == "error: missing.toml: spec file not found\n"
 
 
 def test_show_prints_toml_that_revalidates(runner):
@@ -243,7 +249,9 @@ def test_cli_does_not_import_jax_or_tensorflow():
         assert not loaded(), ("import", loaded())
         for args in (["--help"], ["validate", {str(QUICKSTART)!r}, "train.steps=3"],
                      ["show", {str(QUICKSTART)!r}], ["templates"], ["plugins", "--json"],
-                     ["validate", {str(QUICKSTART)!r}, "train.stpes=3"]):
+                     ["validate", {str(QUICKSTART)!r}, "train.stpes=3"],
+                     ["validate", {str(QUICKSTART)!r}, "train.steps=nan", "[=1"],
+                     ["validate", "missing.toml"], ["info", "missing.toml"]):
             try:
                 clipctl.cli.cli(args, standalone_mode=True)
             except SystemExit as exit:
@@ -293,7 +301,8 @@ def test_data_synth(runner, tmp_path):
 def test_data_synth_refuses_foreign_folder(runner, tmp_path):
     (tmp_path / "precious.txt").write_text("do not touch")
     result = runner.invoke(cli, ["data", "synth", str(tmp_path), "--train-examples", "8"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # the user's to fix: another folder
+    assert result.stderr.startswith(f"error: {tmp_path}: ")
     assert "not written by" in result.stderr
     assert not isinstance(result.exception, FileExistsError)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]

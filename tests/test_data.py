@@ -19,6 +19,7 @@ from clip_jax.data.pipeline import (
     read_captions,
 )
 from clip_jax.data.shards import serialize, write_shard
+from clip_jax.errors import UserError
 from clip_jax.schemas import PreprocessOptions
 
 SEED = 0  # the conftest fixture writes the default seed
@@ -215,9 +216,10 @@ def test_corrupt_records_are_skipped_and_counted(shard_with_corrupt_records):
 
 def test_corrupt_records_in_the_train_stream(shard_with_corrupt_records):
     path, captions = shard_with_corrupt_records
-    stream = batches([path], train=True, seed=0, batch_size=5, image_size=16)
+    # a shuffle window of one epoch (8 records): the first batch is its 5 good records
+    stream = batches([path], train=True, seed=0, batch_size=5, image_size=16, shuffle_buffer=8)
     first, second = take(stream, 2)
-    assert sorted(first.captions) == sorted(captions)  # one epoch's good records
+    assert sorted(first.captions) == sorted(captions)
     assert second.next_position - first.next_position >= 5
     # every 8 records of the stream hold 3 bad ones
     assert second.skipped == second.next_position - 10
@@ -294,6 +296,9 @@ def test_expand_files(synthetic_dir, tmp_path):
     assert len(both) == len(train) + len(files(synthetic_dir, "validation"))
     with pytest.raises(FileNotFoundError, match="no files match"):
         expand_files(str(tmp_path / "*.tfrecord"))
+    # a UserError naming the spec key it came from, for the CLI to print
+    with pytest.raises(UserError, match=r"^data.train: no files match .*\*.tfrecord"):
+        expand_files(str(tmp_path / "*.tfrecord"), "data.train")
 
 
 # --------------------------------------------------------------------- the writer

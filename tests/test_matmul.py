@@ -28,6 +28,7 @@ def rounded(x):
         ((3, 5, 16), (3, 16, 4), (((2,), (1,)), ((0,), (0,)))),  # batched: the fallback
     ],
 )
+@pytest.mark.slow
 def test_values_and_gradients(x_shape, w_shape, dims):
     x = jax.random.normal(jax.random.key(0), x_shape)
     w = jax.random.normal(jax.random.key(1), w_shape)

@@ -48,6 +48,7 @@ def assert_same(reference, other, rtol=2e-5):
 
 
 @pytest.mark.parametrize("loss", ["softmax", pytest.param("sigmoid", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_micro_batches_give_the_full_batch_loss_and_gradients(loss):
     spec, comps = build("dp", ["sharding.mesh.data=1"], loss, devices=jax.devices()[:1])
     params, full = value_and_grads(spec, comps, 1)

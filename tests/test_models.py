@@ -132,6 +132,7 @@ def test_logit_scale_and_bias_init(tiny, temperature, bias):
         np.testing.assert_allclose(float(got_bias), bias)
 
 
+@pytest.mark.slow
 def test_no_bias_model_returns_zero_bias():
     # the smallest model there is: this test is about the bias, not the towers
     spec = validate(
@@ -221,6 +222,7 @@ def padded(rows, length):
 
 
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.slow
 def test_eos_pooling_ignores_padding(text_params, causal):
     options, variables = text_params
     apply = text_apply(options, causal=causal, pool="eos")

@@ -40,7 +40,10 @@ def test_resampling_to_the_tables_own_grid_is_the_table():
     assert np.all(out[1, 6:] == 0) and not np.all(out[1, :6] == 0)
 
 
-@pytest.mark.parametrize(("pool", "registers"), [("tok", 0), ("gap", 0), ("map", 2)])
+@pytest.mark.parametrize(
+    ("pool", "registers"),
+    [("tok", 0), pytest.param("gap", 0, marks=pytest.mark.slow), ("map", 2)],
+)
 def test_a_square_image_gives_the_square_paths_embedding(pool, registers):
     model = tower(pool, registers)
     image = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
@@ -50,7 +53,10 @@ def test_a_square_image_gives_the_square_paths_embedding(pool, registers):
     np.testing.assert_allclose(flex, square, atol=1e-5)
 
 
-@pytest.mark.parametrize(("pool", "registers"), [("tok", 0), ("gap", 0), ("map", 2)])
+@pytest.mark.parametrize(
+    ("pool", "registers"),
+    [("tok", 0), pytest.param("gap", 0, marks=pytest.mark.slow), ("map", 2)],
+)
 def test_a_mixed_batch_equals_its_images_one_by_one(pool, registers):
     model = tower(pool, registers)
     rng = np.random.default_rng(1)

@@ -107,6 +107,7 @@ def test_freeze_keeps_the_state_unchanged_when_nothing_is_set():
 
 
 @pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.slow
 def test_layer_decay_scales_blocks_embeddings_and_heads(scan):
     spec = make_spec({"layer_decay": 0.5}, {"scan_layers": scan})
     shapes = names_and_shapes(spec)

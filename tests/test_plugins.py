@@ -374,3 +374,45 @@ def test_templates_dir_exists():
     from clipctl.templates import templates_dir
 
     assert (Path(templates_dir()) / "quickstart.toml").is_file()
+
+
+# ------------------------------------------------------------ plugin mistakes
+def test_an_unknown_component_is_a_user_error_naming_the_key():
+    from clip_jax.errors import PluginError, UserError
+
+    with pytest.raises(UnknownComponentError) as info:
+        get_registry().get("loss", "sigmod", key="loss.name")
+    error = info.value
+    assert isinstance(error, PluginError) and isinstance(error, UserError)
+    assert isinstance(error, LookupError)  # what older callers catch
+    assert error.key == "loss.name"
+    assert str(error).startswith("loss.name: unknown loss 'sigmod'; did you mean 'sigmoid'?")
+
+
+class MistakenRegistrations:
+    """A plugin whose registrations are wrong: each is reported, the good one kept."""
+
+    @hookimpl
+    def register_losses(self, register):
+        register("", lambda options: None)
+        register("not_callable", "softmax")
+        register("dict_options", lambda options: None, options={"margin": 1.0})
+        register("fine", lambda options: None, options=MarginOptions)
+
+
+def test_mistaken_registrations_are_reported_not_fatal(plugin):
+    plugin(MistakenRegistrations(), "test-mistakes")
+    info = plugin_info("test-mistakes")
+    assert info.registers == {"loss": ["fine"]}
+    assert [e.split(": ", 1)[1] for e in info.errors] == [
+        "the name must be a non-empty string",
+        "the factory must be callable (got str)",
+        "options must be a pydantic model class (got {'margin': 1.0})",
+    ]
+    assert info.errors[1].startswith("loss 'not_callable' not registered: ")
+    # the spec names the rejected one as unknown, with the plugin's errors; no crash
+    with pytest.raises(SpecError) as spec_error:
+        validate({"loss": {"name": "dict_options"}})
+    (path, message), *_ = spec_error.value.problems
+    assert path == "loss.name" and "test-mistakes" in message
+    assert validate({"loss": {"name": "fine"}}).loss.name == "fine"

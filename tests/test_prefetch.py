@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from clip_jax.data.readers import Readers
+from clip_jax.data.readers import Readers, data_checkpoint
 from clip_jax.errors import UserError
 from clip_jax.schemas import RecordKeys
 from clip_jax.train.prefetch import Prefetch
@@ -73,19 +73,19 @@ def test_closing_while_the_thread_waits_on_a_full_queue_does_not_hang():
 def test_prefetched_batches_carry_the_positions_after_them(synthetic_dir):
     files = sorted(str(p) for p in (synthetic_dir / "train").glob("*.tfrecord"))
 
-    def readers(positions):
+    def readers(resume):
         return Readers(
             files,
             RecordKeys(readers=2, shuffle_buffer=64),
             image_size=32,
             global_batch=32,
             seed=0,
-            positions=positions,
+            resume=resume,
         )
 
-    plain = readers([0, 0])
-    expected = [(next(plain).captions, plain.local_positions().copy()) for _ in range(6)]
-    with Prefetch(readers([0, 0]), lambda batch: batch) as batches:
+    plain = readers(None)
+    expected = [(b.captions, b.positions.copy()) for b in (next(plain) for _ in range(6))]
+    with Prefetch(readers(None), lambda batch: batch) as batches:
         got = [next(batches) for _ in range(3)]
         time.sleep(0.5)  # the thread reads ahead; the batches' positions do not move
         got += [next(batches) for _ in range(3)]
@@ -93,5 +93,5 @@ def test_prefetched_batches_carry_the_positions_after_them(synthetic_dir):
         assert batch.captions == captions
         np.testing.assert_array_equal(batch.positions, positions)
     # A resume from batch 3's positions reads what followed it.
-    resumed = readers(list(got[2].positions))
+    resumed = readers(data_checkpoint(got[2].positions))
     assert next(resumed).captions == expected[3][0]

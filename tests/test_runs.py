@@ -166,7 +166,7 @@ def test_launch_stop_resume_finish(small_run, tmp_path, monkeypatch, launched):
 
     assert runs.stop(run) is False
     again = CliRunner().invoke(cli, ["stop", str(run)])
-    assert again.exit_code == 1
+    assert again.exit_code == 2
     assert again.stderr.startswith("error: ") and "not running (state: finished)" in again.stderr
     with pytest.raises(ValueError, match="already finished at step 60"):
         runs.resume(run)
@@ -242,7 +242,7 @@ def test_a_dead_process_shows_as_failed_and_cannot_be_stopped(tmp_path, dead_pid
         assert summary.eta_s is None
         assert runs.stop(folder.path) is False
         result = CliRunner().invoke(cli, ["stop", str(folder.path)])
-        assert result.exit_code == 1
+        assert result.exit_code == 2
         assert result.stderr.startswith("error: ")
         assert "is not running (state: failed)" in result.stderr
         assert "Traceback" not in result.output
@@ -287,7 +287,7 @@ def test_runs_command_table_json_and_errors(tmp_path, dead_pid):
     assert [r["name"] for r in json.loads(listed.stdout)] == ["crashed", "done"]
 
     missing = runner.invoke(cli, ["runs", str(tmp_path / "nowhere")])
-    assert missing.exit_code == 1
+    assert missing.exit_code == 2
     assert missing.stderr.startswith("error: no folder")
     (tmp_path / "empty").mkdir()
     empty = runner.invoke(cli, ["runs", str(tmp_path / "empty")])
@@ -295,7 +295,7 @@ def test_runs_command_table_json_and_errors(tmp_path, dead_pid):
     assert json.loads(runner.invoke(cli, ["runs", str(tmp_path / "empty"), "--json"]).stdout) == []
 
     not_a_run = runner.invoke(cli, ["stop", str(tmp_path / "empty")])
-    assert not_a_run.exit_code == 1 and "is not a run folder" in not_a_run.stderr
+    assert not_a_run.exit_code == 2 and "is not a run folder" in not_a_run.stderr
 
 
 def test_plot_writes_a_png(tmp_path):
@@ -310,7 +310,7 @@ def test_plot_writes_a_png(tmp_path):
 
     bare = make_run(tmp_path / "new", None)
     result = CliRunner().invoke(cli, ["plot", str(bare.path), "--out", str(tmp_path / "x.png")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "no training metrics yet" in result.stderr
     assert not (tmp_path / "x.png").exists()
 
@@ -340,7 +340,7 @@ def test_launch_checks_before_starting_anything(tmp_path, sleeper):
     with pytest.raises(ValueError, match="already finished at step 250"):
         runs.resume(out)
     result = CliRunner().invoke(cli, ["resume", str(out)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr.startswith("error: ") and "already finished" in result.stderr
 
 
@@ -366,7 +366,9 @@ def test_resume_starts_where_relative_paths_were_meant(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_evaluate_reports_a_failure(tmp_path):
-    with pytest.raises(RuntimeError, match="evaluating .* failed"):
+    from clip_jax.errors import RunFolderError
+
+    with pytest.raises(RunFolderError, match="nothing-here is not a run folder"):
         runs.evaluate(tmp_path / "nothing-here", timeout=120)
 
 

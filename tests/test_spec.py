@@ -356,3 +356,62 @@ def test_a_run_folder_from_an_older_schema_is_the_same_run(tmp_path):
     changed = validate({**old, "train": {"steps": 7}})
     with pytest.raises(RunFolderConflict, match="train.steps"):
         check_run_folder(folder, changed, force=False)
+
+
+# ------------------------------------------------- found by the fuzzer (test_spec_fuzz)
+def test_a_preset_that_is_not_a_string_is_named_not_a_crash():
+    problems = problems_of({"model": {"preset": ["tiny"]}})  # was TypeError: unhashable
+    assert list(problems) == ["model.preset"]
+    assert "unknown preset ['tiny']" in problems["model.preset"]
+
+
+@pytest.mark.parametrize(
+    ("override", "path", "message"),
+    [
+        ("train.steps=100000000000000000000", "train.steps", "out of range"),
+        ("model.vision.image_size=-100000000000000000000", "model.vision.image_size", "range"),
+        ("optimizer.learning_rate=inf", "optimizer.learning_rate", "finite"),
+        ("optimizer.learning_rate=nan", "optimizer.learning_rate", "finite"),
+        ('run.output_dir="runs/a\\u0000b"', "run.output_dir", "NUL"),
+        ('data.dir="\\u0000"', "data.dir", "NUL"),
+        ('run.output_dir=""', "run.output_dir", "must name the run's folder"),
+        ("sharding.mesh=3", "sharding.mesh", "must be a table (got 3)"),
+        ("train.lr_scale=[1]", "train.lr_scale", "must be a table"),
+    ],
+)
+def test_values_no_option_can_mean_are_named_once(override, path, message):
+    problems = problems_of(overrides=[override])
+    assert list(problems) == [path]  # once: not again by pydantic's own check
+    assert message in problems[path]
+
+
+def test_a_key_holding_brackets_is_still_named():
+    # pydantic's location tags hold "[": stripping them used to drop this key (IndexError)
+    problems = problems_of(overrides=["[=1", "train.[x]=2"])
+    assert problems == {"[": "unknown key", "train.[x]": "unknown key"}
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("[train]\nsteps = 3\n[model\n", "line 3, column 7: "),
+        ("[train]\nsteps = ", "line 2, column 9 (the end of the file): "),
+        ('[run]\nname = "x\n', "line 2, column 10: "),
+    ],
+)
+def test_broken_toml_names_the_file_line_and_column(tmp_path, text, where):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    with pytest.raises(SpecError) as info:
+        load_spec(bad)
+    ((key, message),) = info.value.problems
+    assert key == str(bad) and info.value.key == str(bad)
+    assert message.startswith(where + "not valid TOML: "), message
+
+
+def test_a_file_that_is_not_text_is_a_spec_error(tmp_path):
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(b"\xd0\xff\x00binary")
+    with pytest.raises(SpecError, match="cannot read the spec file") as info:
+        load_spec(binary)
+    assert info.value.problems[0][0] == str(binary)

@@ -275,3 +275,142 @@ def test_a_failing_estimate_is_shown_and_the_app_goes_on(small_run, tmp_path):
             assert not isinstance(app.screen, LaunchScreen)
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------ errors: shown, the app goes on
+def errors_shown(app: ClipctlApp) -> list[str]:
+    """The error notifications so far: title and message, as the user reads them."""
+    return [f"{n.title}: {n.message}" for n in app._notifications if n.severity == "error"]
+
+
+def broken_run(root: Path) -> Path:
+    """A run folder with a spec and a finished status but no checkpoint to evaluate."""
+    from clip_jax.run_folder import RunFolder
+    from clip_jax.spec import to_toml
+
+    folder = RunFolder(root / "broken")
+    folder.path.mkdir(parents=True)
+    folder.write_spec(to_toml(load_spec(QUICKSTART, [f"run.output_dir={folder.path}"])))
+    folder.write_status("finished", step=10, steps=10)
+    return folder.path
+
+
+def test_evaluating_a_broken_run_folder_is_shown_and_the_app_goes_on(tmp_path):
+    run_dir = broken_run(tmp_path / "runs")
+
+    async def scenario():
+        app = ClipctlApp(runs_root=tmp_path / "runs", cwd=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f3")
+            await pilot.pause()
+            await pilot.press("e")  # `clipctl eval` in a worker: exits 2, says why
+            await wait_until(pilot, lambda: errors_shown(app), 120, "the error")
+            (shown,) = errors_shown(app)
+            assert shown == f"evaluating broken failed: {run_dir} has no checkpoint yet"
+            assert isinstance(app.screen, RunsScreen) and app.is_running
+            await pilot.press("f5")  # still answering
+            await pilot.pause()
+            assert "broken" in app.screen.summaries
+
+    asyncio.run(scenario())
+
+
+def test_a_bug_in_a_worker_is_shown_and_the_app_goes_on(tmp_path, monkeypatch):
+    from clipctl import runs
+
+    def broken_evaluate(run_dir, timeout=None):
+        raise KeyError("a bug in clip-jax")  # not a mistake the worker expects
+
+    monkeypatch.setattr(runs, "evaluate", broken_evaluate)
+    broken_run(tmp_path / "runs")
+
+    async def scenario():
+        app = ClipctlApp(runs_root=tmp_path / "runs", cwd=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f3")
+            await pilot.pause()
+            await pilot.press("e")
+            await wait_until(pilot, lambda: errors_shown(app), 30, "the error")
+            (shown,) = errors_shown(app)
+            assert "failed unexpectedly" in shown and "a bug in clip-jax" in shown
+            assert isinstance(app.screen, RunsScreen) and app.is_running
+
+    asyncio.run(scenario())
+
+
+def test_a_spec_that_is_not_toml_is_shown_and_the_app_goes_on(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nsteps = 3\n[model\n")
+
+    async def scenario():
+        app = ClipctlApp(runs_root=tmp_path / "runs", cwd=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            app.open_editor(bad)  # what "Open spec: bad.toml" in the palette does
+            await pilot.pause()
+            (shown,) = errors_shown(app)
+            assert shown.startswith(f"cannot open the spec: {bad}: line 3, column 7: not valid")
+            assert not isinstance(app.screen, EditorScreen) and app.is_running
+
+    asyncio.run(scenario())
+
+
+def test_markup_in_a_wrong_value_is_shown_as_typed(tmp_path):
+    async def scenario():
+        app = ClipctlApp(runs_root=tmp_path / "runs", cwd=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            app.open_editor(tmp_path / "x.toml", QUICKSTART)
+            await pilot.pause()
+            editor = app.screen
+            await show_section(pilot, editor, "train")
+            row = await type_into(pilot, editor, "train.steps", "[/b]")  # was a MarkupError
+            await pilot.pause()
+            assert row.has_class("-invalid") and app.is_running
+            assert "'[/b]'" in str(editor.query_one("#problems").render())
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_launching_a_spec_whose_glob_matches_nothing_shows_why_it_failed(tmp_path):
+    runs_root = tmp_path / "runs"
+    glob = tmp_path / "shards" / "*.tfrecord"
+    spec_path = tmp_path / "noshards.toml"
+    text = QUICKSTART.read_text()
+    data = text[text.index("[data]") : text.index("[tokenizer]")]
+    text = text.replace(data, f'[data]\nsource = "tfrecord"\ntrain = "{glob}"\n\n')
+    spec_path.write_text(text.replace('"runs/quickstart"', f'"{runs_root / "noshards"}"'))
+
+    async def scenario():
+        app = ClipctlApp(runs_root=runs_root, cwd=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await open_launch_screen(pilot, app, spec_path)
+            await pilot.press("ctrl+l")  # the spec is valid: launched, and fails at once
+            await pilot.pause()
+            assert isinstance(app.screen, RunsScreen)
+            await wait_until(pilot, lambda: run_state(app, "noshards") == "failed", 120, "fail")
+            error = app.screen.summaries["noshards"].error
+            assert error.startswith("data.train: ") and str(glob) in error
+            assert "data.train" in str(app.screen.query_one("#run-stats").render())
+            assert app.is_running
+
+    asyncio.run(scenario())
+
+
+def test_a_damaged_run_folder_is_listed_and_the_app_goes_on(tmp_path):
+    run_dir = broken_run(tmp_path / "runs")
+    (run_dir / "metrics.jsonl").write_text(
+        '3\n[1]\n{"split": "train", "step": "x", "loss": null}\n'
+        '{"split": "train", "step": 4, "loss": 2.5}\n'
+    )
+    (run_dir / "run.log").write_bytes(b"\xff\xfe not text \x00\n")
+
+    async def scenario():
+        app = ClipctlApp(runs_root=tmp_path / "runs", cwd=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f3")
+            await pilot.pause(1.2)  # past a refresh
+            assert app.is_running and isinstance(app.screen, RunsScreen)
+            summary = app.screen.summaries["broken"]
+            assert summary.step == 10 and summary.loss == 2.5  # the one good record
+
+    asyncio.run(scenario())

@@ -37,11 +37,20 @@ class ClipctlApp(App):
         self.cwd = Path(cwd)
 
     def open_editor(self, path: Path, template: Path | None = None) -> None:
-        """Edit a spec file (or a new spec started from a template)."""
+        """Edit a spec file (or a new spec started from a template); a file that cannot
+        be read is shown as an error, and the app goes on."""
+        from clip_jax.errors import UserError
         from clipctl.screens.editor import EditorScreen
 
+        try:
+            editor = EditorScreen(path, template)
+        except UserError as exc:
+            self.notify(
+                str(exc), title="cannot open the spec", severity="error", timeout=10, markup=False
+            )
+            return
         self.switch_mode("templates")
-        self.push_screen(EditorScreen(path, template))
+        self.push_screen(editor)
 
     def show_run(self, run_dir: Path | None = None) -> None:
         self.switch_mode("runs")

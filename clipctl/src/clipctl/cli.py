@@ -1,7 +1,8 @@
 """The ``clipctl`` command line.
 
 Start-up stays fast: this module imports neither jax nor tensorflow; commands that
-train or evaluate import the core trainer when they run.
+train or evaluate import the core trainer when they run. Errors take one path
+(``clipctl.errors``): a command raises, the group prints and picks the exit code.
 """
 
 from __future__ import annotations
@@ -16,35 +17,19 @@ from pathlib import Path
 
 import click
 
-from clipctl import __version__, model_commands
+from clip_jax.errors import PathError, RunFolderError, UserError
+from clipctl import __version__, info_command, model_commands
+from clipctl.errors import ClipctlGroup, CommandFailed
+from clipctl.spec_args import load, overrides_argument, spec_argument
 
-EXIT_SPEC_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-def _fail(message: str, code: int = 1) -> None:
-    click.secho("error: ", fg="red", bold=True, err=True, nl=False)
-    click.echo(message, err=True)
-    sys.exit(code)
-
-
-def _load(spec_path: str, overrides: tuple[str, ...]):
-    from clip_jax.spec import SpecError, load_spec
-
-    try:
-        return load_spec(spec_path, overrides)
-    except SpecError as exc:
-        for path, message in exc.problems:
-            click.secho("error: ", fg="red", bold=True, err=True, nl=False)
-            click.echo(f"{path}: {message}" if path else message, err=True)
-        sys.exit(EXIT_SPEC_ERROR)
-
-
-spec_argument = click.argument("spec", type=click.Path(dir_okay=False))
-overrides_argument = click.argument("overrides", nargs=-1, metavar="[KEY.PATH=VALUE]...")
-
-
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=ClipctlGroup,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, prog_name="clipctl")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
@@ -70,7 +55,7 @@ def cli(ctx: click.Context) -> None:
 @overrides_argument
 def validate(spec: str, overrides: tuple[str, ...]) -> None:
     """Check a spec (and overrides); print `valid` or every problem, exit 2 if invalid."""
-    _load(spec, overrides)
+    load(spec, overrides)
     click.echo("valid")
 
 
@@ -81,7 +66,7 @@ def show(spec: str, overrides: tuple[str, ...]) -> None:
     """Print the resolved spec as TOML (templates, presets and overrides applied)."""
     from clip_jax.spec import to_toml
 
-    click.echo(to_toml(_load(spec, overrides)), nl=False)
+    click.echo(to_toml(load(spec, overrides)), nl=False)
 
 
 @cli.command()
@@ -105,7 +90,7 @@ def run(spec: str, overrides: tuple[str, ...], force: bool) -> None:
 
 
 def _run(spec: str, overrides: tuple[str, ...], force: bool) -> None:
-    resolved = _load(spec, overrides)
+    resolved = load(spec, overrides)
     from clip_jax.run_folder import RunFolder
     from clip_jax.spec import to_toml
 
@@ -118,13 +103,9 @@ def _run(spec: str, overrides: tuple[str, ...], force: bool) -> None:
         click.echo(json.dumps({"run_dir": resolved.run.output_dir, **done}))
         return
     try:
-        from clip_jax.errors import UserError
         from clip_jax.train.trainer import train
 
-        try:
-            results = train(resolved, force=force)
-        except UserError as exc:  # the user's to fix (paths, tokenizer, checkpoint fit...)
-            _fail(str(exc), EXIT_SPEC_ERROR)
+        results = train(resolved, force=force)  # a UserError: the group reports it
     except KeyboardInterrupt:
         folder = RunFolder(resolved.run.output_dir)
         status = folder.status()
@@ -160,111 +141,13 @@ def _interrupt_on_sigterm():
     return signal.signal(signal.SIGTERM, interrupt)
 
 
-@cli.command()
-@spec_argument
-@overrides_argument
-@click.option("--devices", type=click.IntRange(min=1), help="Size the mesh for N devices.")
-@click.option("--batch", type=click.IntRange(min=1), help="Global batch (default: the spec's).")
-@click.option("--device", "device_name", metavar="NAME", help="Accelerator: tpu-v5e, h100...")
-@click.option("--device-memory", "memory_size", metavar="SIZE", help="Per device: 16GiB, 80GB...")
-@click.option("--max-batch", is_flag=True, help="Search the largest global batch that fits.")
-@click.option("--strategies", metavar="LIST", help="Sharding strategies: a comma list, or all.")
-@click.option("--microbatches", metavar="LIST", help="Micro-batch counts: a comma list.")
-@click.option("--no-memory", is_flag=True, help="Skip the compiled memory estimate.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def info(spec: str, overrides: tuple[str, ...], **options) -> None:
-    """Parameter counts, training FLOPs per pair, per-device bytes, and will it fit.
-
-    \b
-    The memory per device is XLA's for the compiled train step (no data, nothing
-    allocated) on a mesh of --devices, simulated on CPU when this machine has fewer,
-    compared with --device NAME, --device-memory SIZE or the local accelerator's.
-    --max-batch finds the largest global batch that fits, per strategy
-    (--strategies all) and micro-batch count (--microbatches 1,2,4).
-    """
-    resolved = _load(spec, overrides)
-    from clip_jax.errors import UserError
-    from clip_jax.info import model_info
-
-    try:
-        memory = _memory_request(**options)
-        facts = model_info(resolved, options["devices"])
-        if memory is not None:
-            facts["memory"] = _memory_report(spec, overrides, facts["devices"], memory)
-    except UserError as exc:
-        _fail(str(exc), EXIT_SPEC_ERROR)
-    except RuntimeError as exc:  # the simulated-devices subprocess failed
-        _fail(str(exc))
-    if options["as_json"]:
-        click.echo(json.dumps(facts))
-        return
-    counts = facts["parameters"]
-    mesh = " x ".join(f"{axis}={size}" for axis, size in facts["mesh"].items())
-    rows = [
-        ("parameters", f"{counts['total']:,}"),
-        ("  vision tower", f"{counts['vision']:,}"),
-        ("  text tower", f"{counts['text']:,}"),
-        ("  projections, scale", f"{counts['heads']:,}"),
-        ("train FLOPs / pair", f"{facts['train_flops_per_pair'] / 1e9:,.2f} G"),
-        (f"mesh ({facts['devices']} devices)", f"{mesh} ({resolved.sharding.strategy})"),
-        ("param bytes / device", f"{facts['param_bytes_per_device'] / 2**20:,.1f} MiB"),
-        ("param bytes, all", f"{facts['param_bytes_total'] / 2**20:,.1f} MiB"),
-    ]
-    for label, value in rows:
-        click.echo(f"{label:<22} {value}")
-    if "memory" in facts:
-        from clip_jax.fits import format_report
-
-        click.echo("\n" + format_report(facts["memory"]))
-
-
-def _memory_request(**options) -> dict | None:
-    """``clip_jax.memory.report``'s arguments from the info options (None: no estimate)."""
-    from clip_jax.errors import UserError
-    from clip_jax.fits import device_memory
-
-    if options["no_memory"]:
-        if options["max_batch"]:
-            raise UserError("--max-batch needs the memory estimate: drop --no-memory")
-        return None
-    micro, strategies = options["microbatches"], options["strategies"]
-    try:
-        counts = [int(k) for k in micro.split(",")] if micro else None
-    except ValueError:
-        raise UserError(f"--microbatches: {micro!r} is not a comma list of integers") from None
-    return {
-        "batch": options["batch"],
-        "memory": device_memory(options["device_name"], options["memory_size"]) or "local",
-        "search": options["max_batch"],
-        "strategies": [s.strip() for s in strategies.split(",")] if strategies else None,
-        "microbatches": counts,
-        "live": not options["as_json"] and sys.stderr.isatty(),
-    }
-
-
-def _memory_report(spec: str, overrides: tuple[str, ...], devices: int, request: dict):
-    from clip_jax.memory import report
-
-    live = request.pop("live")
-    width = shutil.get_terminal_size().columns - 4
-
-    def show(message: str) -> None:  # one line, rewritten in place, cleared at the end
-        click.echo(f"\r\x1b[2K{message[:width]}...", nl=False, err=True)
-
-    try:
-        return report(spec, overrides, devices, progress=show if live else None, **request)
-    finally:
-        if live:
-            click.echo("\r\x1b[2K", nl=False, err=True)
-
-
 def _run_folder(run_dir: str) -> Path:
-    """The run folder RUN, or a one-line error when it is not one."""
+    """The run folder RUN, or a RunFolderError when it is not one."""
     from clip_jax.run_folder import SPEC, STATUS
 
     path = Path(run_dir)
     if not ((path / SPEC).exists() or (path / STATUS).exists()):
-        _fail(f"{run_dir} is not a run folder (no {SPEC} or {STATUS})")
+        raise RunFolderError(f"{run_dir} is not a run folder (no {SPEC} or {STATUS})")
     return path
 
 
@@ -280,7 +163,7 @@ def runs_command(root: str, as_json: bool) -> None:
     from clipctl import runs as runs_lib
 
     if not Path(root).is_dir():
-        _fail(f"no folder {root}: pass the folder that holds your runs")
+        raise PathError(f"no folder {root}: pass the folder that holds your runs")
     found = runs_lib.find_runs(root)
     if as_json:
         click.echo(json.dumps([run.to_dict() for run in found], indent=2))
@@ -319,7 +202,7 @@ def stop(run_dir: str, wait: bool, timeout: float) -> None:
     path = _run_folder(run_dir)
     if not runs_lib.stop(path):
         state = runs_lib.summarize(path).state
-        _fail(f"run {run_dir} is not running (state: {state}); nothing to stop")
+        raise RunFolderError(f"run {run_dir} is not running (state: {state}); nothing to stop")
     pid = runs_lib.summarize(path).pid
     click.echo(f"asked run {run_dir} (pid {pid}) to stop; it saves a checkpoint and exits")
     if not wait:
@@ -327,9 +210,11 @@ def stop(run_dir: str, wait: bool, timeout: float) -> None:
     try:
         done = runs_lib.wait_for_state(path, runs_lib.ENDED, timeout)
     except TimeoutError as exc:
-        _fail(str(exc))
+        raise CommandFailed(str(exc)) from None
     if done.state == "failed":
-        _fail(f"run {run_dir} failed while stopping: {done.error or 'see its run.log'}")
+        raise CommandFailed(
+            f"run {run_dir} failed while stopping: {done.error or 'see its run.log'}"
+        )
     saved = f"; checkpoint at step {done.checkpoints[-1]}" if done.checkpoints else ""
     click.echo(f"run {run_dir} {done.state} at step {done.step}{saved}")
 
@@ -338,14 +223,10 @@ def stop(run_dir: str, wait: bool, timeout: float) -> None:
 @click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False))
 def resume(run_dir: str) -> None:
     """Relaunch a stopped run in the background; it continues from its last checkpoint."""
-    from clip_jax.errors import UserError
     from clipctl import runs as runs_lib
 
-    path = _run_folder(run_dir)
-    try:
-        summary = runs_lib.resume(path)
-    except (ValueError, UserError) as exc:
-        _fail(str(exc))
+    summary = runs_lib.resume(_run_folder(run_dir))  # refusals are RunFolderErrors
+    path = Path(run_dir)
     click.echo(
         f"resumed run {run_dir} in the background: pid {summary.pid}, output in "
         f"{path / runs_lib.LAUNCH_LOG} (follow it with `clipctl runs {path.parent}`)"
@@ -366,11 +247,7 @@ def plot(run_dir: str, out_path: str | None) -> None:
     from clipctl.plot import plot_run
 
     path = _run_folder(run_dir)
-    try:
-        written = plot_run(path, out_path or path / "curves.png")
-    except ValueError as exc:
-        _fail(str(exc))
-    click.echo(str(written))
+    click.echo(str(plot_run(path, out_path or path / "curves.png")))
 
 
 @cli.group(invoke_without_command=True)
@@ -396,14 +273,23 @@ def templates_copy(name: str, dest: str) -> None:
 
     found = get_registry().templates
     if name not in found:
-        _fail(f"unknown template {name!r} (available: {', '.join(sorted(found))})")
+        raise UserError(_unknown_template(name, sorted(found)))
     target = Path(dest)
     if target.is_dir():
         target = target / found[name].path.name
     if target.exists():
-        _fail(f"{target} exists; not overwriting it")
+        raise PathError("exists; not overwriting it: choose another name", key=str(target))
     shutil.copyfile(found[name].path, target)
     click.echo(str(target))
+
+
+def _unknown_template(name: str, names: list[str]) -> str:
+    """The message for a template name nobody registers, with the closest one."""
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown template {name!r}{hint} (available: {', '.join(names)})"
 
 
 @cli.command()
@@ -443,16 +329,15 @@ def synth(
     """Write captioned synthetic shapes as img2dataset-style tfrecord shards."""
     from clip_jax.data.synth_writer import write_synthetic
 
-    try:
-        settings = write_synthetic(out_dir, train_examples, validation_examples, image_size, seed)
-    except FileExistsError as exc:
-        _fail(str(exc))
+    # A folder synth did not write is never touched: a PathError naming it.
+    settings = write_synthetic(out_dir, train_examples, validation_examples, image_size, seed)
     click.echo(
         f"wrote {settings['train_examples']} train and {settings['validation_examples']} "
         f"validation examples ({len(settings['classes'])} classes) to {out_dir}"
     )
 
 
+cli.add_command(info_command.info)
 cli.add_command(model_commands.eval_command)
 cli.add_command(model_commands.export_command)
 cli.add_command(model_commands.predict_command)

@@ -1,23 +1,17 @@
 """Commands that use a trained model: ``clipctl eval``, ``export`` and ``predict``.
 
 A model is a run folder or published weights (``hf:PATH``). Mistakes (a missing folder, an
-architecture the format cannot express, an unreadable image) are one line and exit 2.
+architecture the format cannot express, an unreadable image) are UserErrors, raised where
+they are found and reported by the ``clipctl`` group: one line, exit 2.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
-EXIT_USER_ERROR = 2
-
-
-def _fail(message: str) -> None:
-    click.secho("error: ", fg="red", bold=True, err=True, nl=False)
-    click.echo(message, err=True)
-    sys.exit(EXIT_USER_ERROR)
+from clip_jax.errors import UserError
 
 
 @click.command(name="eval")
@@ -63,17 +57,13 @@ def eval_command(
 ) -> None:
     """Evaluate a run (or hf:PATH weights): zero-shot accuracy, retrieval recall, linear
     probe, head accuracy; results are appended to the run's metrics.jsonl."""
-    from clip_jax.errors import UserError
     from clip_jax.inference import evaluate_run
 
-    try:
-        results = evaluate_run(
-            run_dir, step, data=data, classes=classes, linear_probe=linear_probe,
-            probe_data=probe_data, image_key=image_key, caption_key=caption_key,
-            label_key=label_key, max_examples=max_examples,
-        )  # fmt: skip
-    except UserError as exc:
-        _fail(str(exc))
+    results = evaluate_run(
+        run_dir, step, data=data, classes=classes, linear_probe=linear_probe,
+        probe_data=probe_data, image_key=image_key, caption_key=caption_key,
+        label_key=label_key, max_examples=max_examples,
+    )  # fmt: skip
     if as_json:
         click.echo(json.dumps(results))
         return
@@ -94,13 +84,9 @@ def eval_command(
 @click.option("--step", type=int, default=None, help="Checkpoint step (default: latest).")
 def export_command(run_dir: str, out: str, format_: str, step: int | None) -> None:
     """Write RUN_DIR's model to OUT in another format (Hugging Face transformers)."""
-    from clip_jax.errors import UserError
     from clip_jax.export import export
 
-    try:
-        path = export(run_dir, out, format_, step)
-    except UserError as exc:
-        _fail(str(exc))
+    path = export(run_dir, out, format_, step)
     click.echo(f"wrote {path} ({format_})")
 
 
@@ -120,22 +106,16 @@ def predict_command(
     model: str, images: tuple[str, ...], labels: str, templates: tuple[str, ...], as_json: bool
 ) -> None:
     """Zero-shot classify images with MODEL (a run folder or hf:PATH)."""
-    from clip_jax.errors import UserError
-
     classes = [label.strip() for label in labels.split(",") if label.strip()]
     if not classes:
-        _fail("--labels: give at least one class name")
+        raise UserError("give at least one class name", key="--labels")
     prompts = list(templates) or ["a photo of a {}."]
     bad = [t for t in prompts if t.count("{}") != 1]
     if bad:
-        _fail(f"--template {bad[0]!r}: a template holds {{}} exactly once")
-    try:
-        from clip_jax.inference import load
+        raise UserError(f"{bad[0]!r}: a template holds {{}} exactly once", key="--template")
+    from clip_jax.inference import load  # jax: only once the options are known good
 
-        loaded = load(model)
-        probs = loaded.classify(list(images), classes, prompts)
-    except UserError as exc:
-        _fail(str(exc))
+    probs = load(model).classify(list(images), classes, prompts)
     rows = [
         {
             "image": image,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from clip_jax.errors import RunFolderError
+
 EVAL_METRICS = {
     "zero_shot_top1": "zero-shot top-1",
     "retrieval_i2t_r1": "image→text R@1",
@@ -19,7 +21,8 @@ EVAL_METRICS = {
 def plot_run(run_dir: str | Path, out_path: str | Path) -> Path:
     """Draw train loss, learning rate and evaluation metrics over steps into a PNG.
 
-    Raises ValueError when the run has logged no training steps yet (nothing to draw).
+    Raises a RunFolderError (the user asked too early) when the run has logged no
+    training steps yet: there is nothing to draw.
     Returns the written path.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -31,7 +34,7 @@ def plot_run(run_dir: str | Path, out_path: str | Path) -> Path:
     train = [r for r in metrics(run_dir, "train") if "loss" in r]
     evals = metrics(run_dir, "validation")
     if not train:
-        raise ValueError(f"{run_dir} has no training metrics yet; nothing to plot")
+        raise RunFolderError(f"{run_dir} has no training metrics yet; nothing to plot")
 
     figure = Figure(figsize=(13, 4), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)

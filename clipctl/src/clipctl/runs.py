@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clip_jax.errors import UserError
+from clip_jax.errors import RunFolderError
 from clip_jax.run_folder import (
     CHECKPOINTS,
     SPEC,
@@ -33,12 +33,15 @@ from clip_jax.run_folder import (
 ACTIVE = frozenset({"starting", "running"})
 ENDED = frozenset({"finished", "interrupted", "failed"})
 LAUNCH_LOG = "launch.log"
+EXIT_USER_ERROR = 2  # what clipctl exits with on a UserError (clipctl.errors)
+LAUNCH_MARK = " launched: "  # in launch.log, before each launch's output
 
 
-class RunRefused(UserError, ValueError):
+class RunRefused(RunFolderError, ValueError):
     """A launch, resume or stop that would harm a run: the message says why and what to do.
 
-    Both a ValueError and a clip_jax UserError, so callers catching either see it.
+    A RunFolderError (a UserError: clipctl reports it in one line, exit 2) and a
+    ValueError for older callers.
     """
 
 
@@ -88,8 +91,10 @@ def summarize(run_dir: str | Path, root: str | Path | None = None) -> RunSummary
     pid = status.get("pid") if isinstance(status.get("pid"), int) else None
     error = status.get("error")
     if state == "failed" and not error:  # "running" or "starting", process gone
-        error = f"its process (pid {pid}) ended without a word: see {LAUNCH_LOG} and run.log"
-    records = list(folder.metrics())
+        error = _launch_error(path) or (
+            f"its process (pid {pid}) ended without a word: see {LAUNCH_LOG} and run.log"
+        )
+    records = _records(folder)
     train = [r for r in records if r.get("split") == "train"]
     evals = [r for r in records if r.get("split") == "validation"]
     last = train[-1] if train else {}
@@ -137,7 +142,7 @@ def find_runs(root: str | Path = "runs") -> list[RunSummary]:
 
 def metrics(run_dir: str | Path, split: str | None = None) -> list[dict[str, Any]]:
     """The run's metric records (optionally one split), for curves."""
-    records = RunFolder(run_dir).metrics()
+    records = _records(RunFolder(run_dir))
     return [r for r in records if split is None or r.get("split") == split]
 
 
@@ -223,7 +228,9 @@ def evaluate(run_dir: str | Path, timeout: float | None = None) -> dict[str, Any
     """Evaluate the run's latest checkpoint in a subprocess and return its metrics.
 
     A subprocess keeps jax out of the caller (the TUI stays light and responsive).
-    Raises RuntimeError with the end of the command's error output when it fails.
+    Raises a UserError with the command's ``error:`` lines when it reports the user's
+    mistake (exit 2: a broken run folder, no checkpoint...), else RuntimeError with the
+    end of its error output.
     """
     path = Path(run_dir).resolve()
     try:
@@ -235,6 +242,8 @@ def evaluate(run_dir: str | Path, timeout: float | None = None) -> dict[str, Any
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL
     )
+    if done.returncode == EXIT_USER_ERROR:
+        raise RunFolderError(_error_lines(done.stderr) or done.stderr.strip())
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
         raise RuntimeError(f"evaluating {run_dir} failed (exit {done.returncode}): {tail}")
@@ -246,6 +255,31 @@ def evaluate(run_dir: str | Path, timeout: float | None = None) -> dict[str, Any
 
 
 # ------------------------------------------------------------------ helpers
+def _records(folder: RunFolder) -> list[dict[str, Any]]:
+    """The run's metric records that are records: a hand-edited or damaged
+    metrics.jsonl (a line that is a number, a list) is not worth a crash of the TUI."""
+    try:
+        return [r for r in folder.metrics() if isinstance(r, dict)]
+    except (OSError, ValueError):  # unreadable, or not text
+        return []
+
+
+def _launch_error(path: Path) -> str:
+    """The ``error:`` lines of the latest launch in launch.log: a launched run that found
+    a mistake (a glob matching nothing, a missing tokenizer) said so there and exited."""
+    try:
+        text = (path / LAUNCH_LOG).read_text(errors="replace")
+    except OSError:
+        return ""
+    return _error_lines(text.rpartition(LAUNCH_MARK)[2])
+
+
+def _error_lines(output: str) -> str:
+    """What a clipctl command reported (its ``error: ...`` lines), without the prefix."""
+    prefix = "error: "
+    return "\n".join(line[len(prefix) :] for line in output.splitlines() if line.startswith(prefix))
+
+
 def _launch(
     spec_path: Path,
     overrides: tuple[str, ...],
@@ -276,7 +310,7 @@ def _launch(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(out / log_name, "ab") as log:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        log.write(f"\n=== {stamp} launched: {shlex.join(command)}\n".encode())
+        log.write(f"\n=== {stamp}{LAUNCH_MARK}{shlex.join(command)}\n".encode())
         log.flush()
         process = subprocess.Popen(
             command,
@@ -291,7 +325,7 @@ def _launch(
     # The child writes "running" once it has imported the trainer (seconds from now);
     # until then the folder says "starting" with the child's pid, so it can be stopped.
     if RunFolder(out).status().get("pid") != process.pid:
-        previous = [r for r in folder.metrics() if r.get("split") == "train"]
+        previous = [r for r in _records(folder) if r.get("split") == "train"]
         folder.write_status(
             "starting",
             pid=process.pid,

@@ -14,7 +14,23 @@ MISSING = object()
 
 
 def load_document(path: str | Path) -> TOMLDocument:
-    return tomlkit.parse(Path(path).read_text())
+    """The spec as an editable document; a missing or malformed file is a PathError naming
+    the file (and the line), which the TUI shows instead of closing."""
+    from tomlkit.exceptions import ParseError
+
+    from clip_jax.errors import PathError
+
+    try:
+        return tomlkit.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise PathError(f"cannot read the spec: {reason}", key=str(path)) from None
+    except ParseError as exc:
+        what = str(exc).split(" at line ")[0]
+        column = exc.col + 1  # tomlkit counts from 0; `clipctl validate` (tomllib) from 1
+        raise PathError(
+            f"line {exc.line}, column {column}: not valid TOML: {what}", key=str(path)
+        ) from None
 
 
 def get_value(doc: TOMLDocument, path: str, default: Any = MISSING) -> Any:

@@ -15,7 +15,8 @@ from clip_jax.spec import COMPONENT_SECTIONS, RunSpec
 def _build(spec: RunSpec, section: str, registry: Registry, *args: Any) -> Any:
     selector, kind, _ = COMPONENT_SECTIONS[section]
     options = getattr(spec, section)
-    return registry.get(kind, getattr(options, selector)).factory(options, *args)
+    name = getattr(options, selector)
+    return registry.get(kind, name, key=f"{section}.{selector}").factory(options, *args)
 
 
 @dataclass

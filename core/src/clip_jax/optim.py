@@ -25,9 +25,20 @@ def learning_rate_schedule(o: AdamWOptions, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+NO_DECAY_NAMES = ("bias", "scale")  # biases, norms' scales (any shape: (heads, dim), scanned)
+
+
 def _decay_mask(params) -> object:
-    """Weight decay on matrices only: not on biases, norms, scales or embeddings' 1-D parts."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on matrices only, as open_clip: not on biases, norm scales or 1-D
+    parameters. Names decide as well as shapes: attention's biases are (heads, head_dim),
+    and scanned layers give every bias and scale a leading layers axis."""
+
+    def decays(path, p) -> bool:
+        last = path[-1] if path else None
+        name = str(getattr(last, "key", getattr(last, "name", "")))
+        return p.ndim >= 2 and name not in NO_DECAY_NAMES
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def adamw(

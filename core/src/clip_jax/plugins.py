@@ -24,6 +24,7 @@ from typing import Any
 import pluggy
 
 from clip_jax import hookspecs
+from clip_jax.errors import PluginError
 
 PROJECT = "clip_jax"
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -93,8 +94,9 @@ class PluginInfo:
         }
 
 
-class UnknownComponentError(LookupError):
-    pass
+class UnknownComponentError(PluginError, LookupError):
+    """A component name nothing registers: a user mistake (a typo, a plugin not
+    installed or broken), so a PluginError; a LookupError for older callers."""
 
 
 @dataclass
@@ -106,8 +108,11 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted(self.components.get(kind, {}))
 
-    def get(self, kind: str, name: str) -> Component:
-        """Look a component up; the error names close matches and broken plugins."""
+    def get(self, kind: str, name: str, key: str | None = None) -> Component:
+        """Look a component up; the error names close matches and broken plugins.
+
+        ``key`` is the spec key that chose the name (``loss.name``), for the message.
+        """
         found = self.components.get(kind, {}).get(name)
         if found is not None:
             return found
@@ -124,7 +129,7 @@ class Registry:
             message += "; plugins that failed to load and may provide it: " + ", ".join(
                 f"{p.name} ({p.errors[0].splitlines()[0]})" for p in broken
             )
-        raise UnknownComponentError(message)
+        raise UnknownComponentError(message, key=key)
 
     def broken(self) -> list[PluginInfo]:
         return [p for p in self.plugins if p.errors]
@@ -237,6 +242,10 @@ def _make_register(kind, info: PluginInfo, components, templates) -> Callable[..
         presets: dict[str, dict[str, Any]] | None = None,
         formats: dict[str, str] | None = None,
     ) -> None:
+        problem = _registration_problem(name, factory, options)
+        if problem is not None:  # the plugin's bug: reported, the rest keeps working
+            info.errors.append(f"{kind} {name!r} not registered: {problem}")
+            return
         existing = components[kind].get(name)
         if existing is not None:
             info.errors.append(f"{kind} {name!r} already registered by {existing.plugin}; ignored")
@@ -254,6 +263,20 @@ def _make_register(kind, info: PluginInfo, components, templates) -> Callable[..
         info.registers.setdefault(kind, []).append(name)
 
     return register_template if kind == "template" else register
+
+
+def _registration_problem(name: Any, factory: Any, options: Any) -> str | None:
+    """Why a registration cannot work, caught here rather than as a crash when a spec
+    first names the component (the spec schema is built from ``options``)."""
+    from pydantic import BaseModel
+
+    if not isinstance(name, str) or not name.strip():
+        return "the name must be a non-empty string"
+    if not callable(factory):
+        return f"the factory must be callable (got {type(factory).__name__})"
+    if options is not None and not (isinstance(options, type) and issubclass(options, BaseModel)):
+        return f"options must be a pydantic model class (got {options!r})"
+    return None
 
 
 def _first_comment(path: Path) -> str:

@@ -2,7 +2,9 @@
 
     spec.resolved.toml   what actually ran
     metrics.jsonl        one JSON object per line: {"step", "split", ...}
-    status.json          {"state": starting|running|finished|interrupted|failed, "step", "steps", "pid"}
+    status.json          {"state": starting|running|finished|interrupted|failed, "step", "steps",
+                          "pid", "error" (failed only)}: the trainer leaves it true on every
+                          exit (clip_jax.train.events.reported)
     checkpoints/         orbax CheckpointManager directory
     tokenizer.json       the run's tokenizer
     run.log              human log

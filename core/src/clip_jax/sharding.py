@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,10 +25,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from clip_jax.errors import UserError
+from clip_jax.errors import MeshError
 from clip_jax.schemas import MeshOptions
 
 AXES = ("data", "fsdp", "model")
+MESH_KEY = "sharding.mesh"
 # The mesh a model is being traced for. Flax's ``with_logical_constraint`` is a no-op
 # unless it is given a mesh (or a global abstract mesh is set, which would also make
 # Flax constrain DenseGeneral's flat kernel initialiser, and fail), so the constraints
@@ -81,21 +83,25 @@ class Layout:
 
 
 def resolve_mesh_shape(options: MeshOptions, device_count: int) -> tuple[int, int, int]:
-    """Axis sizes with -1 filled in; a clear error when they cannot cover the devices."""
+    """Axis sizes with -1 filled in; a MeshError naming ``sharding.mesh`` when they
+    cannot cover the devices (the spec is valid on its own: only here are the devices
+    known, so this is where the mistake is detected)."""
     sizes = [options.data, options.fsdp, options.model]
-    known = int(np.prod([s for s in sizes if s != -1]))
+    known = math.prod(s for s in sizes if s != -1)  # Python ints: no overflow
     if -1 in sizes:
         if device_count % known:
-            raise UserError(
-                f"sharding.mesh: the fixed axis sizes multiply to {known}, which does not "
-                f"divide the {device_count} devices"
+            raise MeshError(
+                f"the fixed axis sizes multiply to {known}, which does not divide the "
+                f"{device_count} devices; choose sizes that divide {device_count}",
+                key=MESH_KEY,
             )
         sizes[sizes.index(-1)] = device_count // known
-    if int(np.prod(sizes)) != device_count:
+    if math.prod(sizes) != device_count:
         shape = " x ".join(f"{a}={s}" for a, s in zip(AXES, sizes, strict=True))
-        raise UserError(
-            f"sharding.mesh: {shape} = {int(np.prod(sizes))} devices, but there are "
-            f"{device_count}; make the sizes multiply to {device_count} or set one to -1"
+        raise MeshError(
+            f"{shape} = {math.prod(sizes)} devices, but there are {device_count}; make "
+            f"the sizes multiply to {device_count} or set one to -1",
+            key=MESH_KEY,
         )
     return tuple(sizes)  # type: ignore[return-value]
 
@@ -106,8 +112,17 @@ def make_mesh(options: MeshOptions, devices: Sequence[jax.Device] | None = None)
     if devices == jax.devices():
         from jax.experimental import mesh_utils
 
-        # Lays the axes out along the physical interconnect on TPU / multi-host.
-        grid = mesh_utils.create_device_mesh(shape, devices)
+        # Lays the axes out along the physical interconnect on TPU / multi-host, which
+        # refuses some shapes that do multiply to the device count.
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices)
+        except (ValueError, NotImplementedError) as exc:
+            sizes = " x ".join(f"{a}={s}" for a, s in zip(AXES, shape, strict=True))
+            raise MeshError(
+                f"{sizes} cannot be laid out on these devices' interconnect ({exc}); "
+                "try another split of the same device count",
+                key=MESH_KEY,
+            ) from None
     else:
         grid = np.array(devices).reshape(shape)
     return Mesh(grid, AXES)

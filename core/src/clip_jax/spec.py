@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import re
 import tomllib
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -37,6 +38,48 @@ class RunOptions(Options):
     name: str = "run"
     output_dir: str = "runs/run"
     seed: int = 0
+
+    @field_validator("output_dir")
+    @classmethod
+    def _names_a_folder(cls, output_dir: str) -> str:
+        # "" would be the folder clipctl runs in: checkpoints among the user's files
+        if not output_dir.strip():
+            raise ValueError("must name the run's folder, e.g. runs/my-run")
+        return output_dir
+
+
+class SpikeOptions(Options):
+    """``train.spike``: a step whose loss or gradient norm is far above its recent past.
+
+    A value more than ``k`` robust standard deviations (1.4826 x the median absolute
+    deviation) above the median of the last ``window`` good steps is a spike, once
+    ``min_history`` steps are known.
+    """
+
+    action: Literal["off", "skip", "rollback"] = Field(
+        "off",
+        description="off: not watched; skip: the step's update is dropped (the batch is "
+        "consumed); rollback: the last checkpoint is restored and the next "
+        "rollback_skip_batches batches after it are passed over",
+    )
+    watch: list[Literal["loss", "grad_norm"]] = Field(["loss", "grad_norm"], min_length=1)
+    k: float = Field(6.0, gt=0, description="how many robust standard deviations")
+    window: int = Field(100, ge=4, description="how many past good steps the median spans")
+    min_history: int = Field(20, ge=2, description="steps known before spikes are judged")
+    rollback_skip_batches: int = Field(
+        100, ge=0, description="rollback: batches passed over after the checkpoint"
+    )
+    max_rollbacks: int = Field(
+        3, ge=1, description="rollback: more than this many in a run stops it (failed)"
+    )
+
+    @model_validator(mode="after")
+    def _check_history(self) -> SpikeOptions:
+        if self.min_history > self.window:
+            raise ValueError(
+                f"min_history ({self.min_history}) cannot exceed window ({self.window})"
+            )
+        return self
 
 
 class TrainOptions(Options):
@@ -79,6 +122,20 @@ class TrainOptions(Options):
         description="layer-wise learning-rate decay (BEiT): block i of a tower of depth L "
         "gets decay^(L-i), what comes before the blocks decay^(L+1), the rest 1",
     )
+    checkpoint_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="also save when this many minutes have passed since the last save "
+        "(process 0's clock, agreed on at log steps); with checkpoint_every, whichever "
+        "comes first",
+    )
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a step with a NaN or infinite loss or gradient never updates the "
+        "parameters; stop: the run then ends (failed) with a checkpoint of the good "
+        "state; skip: it goes on, counting guard/skipped_updates",
+    )
+    spike: SpikeOptions = SpikeOptions()
 
     @field_validator("freeze", "lr_scale")
     @classmethod
@@ -169,11 +226,16 @@ SECTION_ORDER = [
 
 
 class SpecError(UserError):
-    """A spec that cannot be used; ``problems`` holds (key path, message) pairs."""
+    """A spec that cannot be used; ``problems`` holds (key path, message) pairs.
+
+    Every problem is collected before raising, so that one ``clipctl validate`` shows
+    them all; the key is the first problem's, for code that reads one key.
+    """
 
     def __init__(self, problems: list[tuple[str, str]]):
-        self.problems = problems
         super().__init__("\n".join(f"{path}: {msg}" if path else msg for path, msg in problems))
+        self.key = (problems[0][0] or None) if problems else None
+        self.problems = list(problems)
 
 
 class RunSpec(Options):
@@ -182,13 +244,38 @@ class RunSpec(Options):
 
 # ----------------------------------------------------------------------- reading
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """The spec file as a dict; a missing, unreadable or malformed file is a SpecError
+    naming the file (and, for TOML syntax, the line and column)."""
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError([("", f"spec file not found: {path}")]) from None
+        raise SpecError([(str(path), "spec file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SpecError([(str(path), f"cannot read the spec file: {reason}")]) from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise SpecError([("", f"{path} is not valid TOML: {exc}")]) from None
+        raise SpecError([(str(path), _toml_problem(exc, text))]) from None
+
+
+def _toml_problem(exc: tomllib.TOMLDecodeError, source: str) -> str:
+    """'line L, column C: not valid TOML: <what>', so an editor can jump to the spot.
+
+    Python 3.11's TOMLDecodeError has no lineno attribute: the position is parsed from
+    its message, "... (at line L, column C)" or "... (at end of document)".
+    """
+    text = str(exc)
+    at = re.search(r"\(at (?:line (\d+), column (\d+)|end of document)\)$", text)
+    if at is None:
+        return f"not valid TOML: {text}"
+    if at[1] is not None:
+        where = f"line {at[1]}, column {at[2]}"
+    else:
+        lines = source.split("\n")
+        where = f"line {len(lines)}, column {len(lines[-1]) + 1} (the end of the file)"
+    return f"{where}: not valid TOML: {text[: at.start()].strip()}"
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -250,6 +337,7 @@ def validate(
     from clip_jax import pretrained as pretrained_lib
 
     registry = registry or get_registry()
+    impossible = list(_impossible_values(raw))
     problems: list[tuple[str, str]] = []
     raw = migrate(dict(raw))
     if pretrained:
@@ -276,7 +364,7 @@ def validate(
             continue
         preset = table.get("preset")
         if preset is not None:
-            if preset not in component.presets:
+            if not isinstance(preset, str) or preset not in component.presets:
                 known = ", ".join(sorted(component.presets)) or "none"
                 problems.append(
                     (f"{section}.preset", f"unknown preset {preset!r} (available: {known})")
@@ -290,10 +378,38 @@ def validate(
     try:
         spec = spec_model.model_validate(raw)
     except ValidationError as exc:
-        problems += [_describe(err, spec_model) for err in exc.errors()]
-    if problems:
+        problems += [_describe(err, spec_model, raw) for err in exc.errors()]
+    if impossible or problems:
+        said = {path for path, _ in impossible}  # once, not again by pydantic or a loader
+        problems = impossible + [p for p in problems if p[0] not in said]
         raise SpecError(sorted(set(problems), key=problems.index))
     return spec
+
+
+INT64 = 2**63
+
+
+def _impossible_values(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """Values no option can mean: integers beyond TOML's 64 bits (Python reads them
+    anyway, then jax or the OS overflows on them mid-run), NaN and infinities, and
+    strings holding a NUL character (no path, name or URL can; the OS refuses them).
+
+    Checked over the whole raw spec, so that every option (a plugin's too) is covered
+    without each schema saying so.
+    """
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _impossible_values(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list | tuple):
+        for index, value in enumerate(node):
+            yield from _impossible_values(value, f"{path}.{index}")
+    elif isinstance(node, str) and "\x00" in node:
+        yield path, f"must not contain a NUL character (got {node!r})"
+    elif isinstance(node, int) and not isinstance(node, bool):
+        if not -INT64 <= node < INT64:
+            yield path, f"{node} is out of range (integers are 64-bit: below 2**63)"
+    elif isinstance(node, float) and not math.isfinite(node):
+        yield path, f"must be a finite number (got {node})"
 
 
 # Built classes are cached so that validating equal input twice gives equal specs
@@ -338,8 +454,35 @@ def _unknown_key(loc: tuple, choices: list[str]) -> tuple[str, str]:
     return path, f"unknown key{hint}"
 
 
-def _describe(err: Mapping[str, Any], spec_model: type[BaseModel]) -> tuple[str, str]:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+def _key_path(loc: tuple, raw: Any) -> tuple:
+    """The user's key path in a pydantic error location, without pydantic's own steps.
+
+    A location also holds validator and union tags ("function-after[...]", "list[str]"):
+    a part is the user's key when the spec has it there, else a field name (never with
+    "["). Checking the spec keeps the user's own keys that hold "[" (or are empty).
+    """
+    path, node = [], raw
+    for part in loc:
+        if _holds(node, part):
+            path.append(part)
+            node = node[part]
+        elif not (isinstance(part, str) and "[" in part):
+            path.append(part)
+            node = None
+    return tuple(path)
+
+
+def _holds(node: Any, part: Any) -> bool:
+    """Whether ``node[part]`` is a key or an index the spec itself has."""
+    if isinstance(node, Mapping):
+        return part in node
+    return isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+
+
+def _describe(
+    err: Mapping[str, Any], spec_model: type[BaseModel], raw: Mapping[str, Any]
+) -> tuple[str, str]:
+    loc = _key_path(tuple(err["loc"]), raw)
     if err["type"] == "extra_forbidden":
         parent = _model_at(spec_model, loc[:-1])
         return _unknown_key(loc, list(parent.model_fields) if parent else [])
@@ -347,7 +490,7 @@ def _describe(err: Mapping[str, Any], spec_model: type[BaseModel]) -> tuple[str,
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         message = "required key is missing"
-    elif err["type"] in ("model_type", "dict_type") and len(loc) == 1:
+    elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
         message = f"must be a table (got {err['input']!r})"
     elif "input" in err and not isinstance(err["input"], Mapping):
         message += f" (got {err['input']!r})"

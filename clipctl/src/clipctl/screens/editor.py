@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.syntax import Syntax
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -18,6 +19,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, OptionList, Static
 from textual.widgets.option_list import Option
 
+from clip_jax.errors import printable
 from clipctl import form, spec_edit
 from clipctl.widgets.field_row import FieldRow
 
@@ -86,8 +88,9 @@ class EditorScreen(Screen):
             bar.update("[green]valid[/green]")
             bar.set_class(False, "-invalid")
             return
-        lines = [
-            f"{path}: {message}" if path else message for path, message in self.problems.items()
+        lines = [  # the user's keys and values, escaped: never read as markup
+            escape(f"{printable(path)}: {message}" if path else message)
+            for path, message in self.problems.items()
         ]
         bar.update(f"[red]{len(lines)} problem(s)[/red]  " + "  |  ".join(lines))
         bar.set_class(True, "-invalid")
@@ -162,7 +165,7 @@ class EditorScreen(Screen):
         path.write_text(text)
         self.path, self.saved_text = path, text
         self.sub_title = f"{path.name} (from {self.source.name})"
-        self.notify(f"saved {path}")
+        self.notify(f"saved {path}", markup=False)
 
     def action_launch(self) -> None:
         from clipctl.screens.launch import LaunchScreen

@@ -73,6 +73,17 @@ def memory_summary(report: dict[str, Any]) -> tuple[str, bool | None]:
     return "\n".join(lines), fits
 
 
+def _resolved_view(edited: dict[str, Any]) -> Syntax | str:
+    """The resolved spec, or its problems when the file changed since it was checked."""
+    from clip_jax.errors import UserError, format_problems
+    from clip_jax.spec import to_toml, validate
+
+    try:
+        return Syntax(to_toml(validate(edited)), "toml", theme="ansi_dark")
+    except UserError as exc:
+        return "[red]" + escape("\n".join(format_problems(exc))) + "[/red]"
+
+
 class LaunchScreen(Screen):
     BINDINGS = [
         Binding("ctrl+l", "launch", "Launch run", id="launch.start", priority=True),
@@ -87,7 +98,6 @@ class LaunchScreen(Screen):
         self._estimating: subprocess.Popen | None = None
 
     def compose(self) -> ComposeResult:
-        from clip_jax.spec import to_toml, validate
         from clipctl.spec_edit import as_dict, load_document
 
         edited = as_dict(load_document(self.path))
@@ -104,15 +114,14 @@ class LaunchScreen(Screen):
                 "[b]memory per device[/b]  estimating: compiling the train step...",
                 id="launch-memory",
             )
-            resolved_toml = to_toml(validate(edited))
-            yield Static(Syntax(resolved_toml, "toml", theme="ansi_dark"), id="launch-resolved")
+            yield Static(_resolved_view(edited), id="launch-resolved")
         yield Footer()
 
     def on_mount(self) -> None:
         self.sub_title = "launch"
         self.estimate_memory()
 
-    @work(thread=True, exclusive=True, group="estimate")
+    @work(thread=True, exclusive=True, group="estimate", exit_on_error=False)
     def estimate_memory(self) -> None:
         from clip_jax.memory import run_worker
 
@@ -168,10 +177,10 @@ class LaunchScreen(Screen):
         self._stop_estimate()
         try:
             summary = runs.launch(self.path)
-        except UserError as exc:
-            self.notify(str(exc), severity="error")
+        except (UserError, OSError) as exc:  # the spec, the folder: shown, not fatal
+            self.notify(str(exc), title="not launched", severity="error", timeout=10, markup=False)
             return
-        self.notify(f"launched {summary.path} (pid {summary.pid})")
+        self.notify(f"launched {summary.path} (pid {summary.pid})", markup=False)
         self.app.pop_screen()
         self.app.pop_screen()
         self.app.show_run(summary.path)

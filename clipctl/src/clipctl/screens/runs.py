@@ -15,7 +15,9 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Log
+from textual.worker import Worker, WorkerState
 
+from clip_jax.errors import UserError
 from clipctl.screens import navigation
 from clipctl.widgets.loss_plot import LossPlot
 from clipctl.widgets.run_details import RunDetails, state_markup
@@ -116,6 +118,7 @@ class RunsScreen(Screen):
 
     def _show_selected(self) -> None:
         from clip_jax.run_folder import RunFolder
+        from clipctl import runs
 
         summary = self.summaries.get(self.selected) if self.selected else None
         self.query_one(RunDetails).show(summary)
@@ -125,10 +128,11 @@ class RunsScreen(Screen):
             log.clear()
             return
         folder = RunFolder(summary.path)
-        train = [r for r in folder.metrics() if r.get("split") == "train" and "loss" in r]
+        records = runs.metrics(summary.path, "train")
+        train = [r for r in records if _number(r.get("loss")) and _number(r.get("step"))]
         plot.show([r["step"] for r in train], [r["loss"] for r in train])
         try:
-            tail = folder.log_path.read_text().splitlines()[-LOG_LINES:]
+            tail = folder.log_path.read_text(errors="replace").splitlines()[-LOG_LINES:]
         except OSError:
             tail = []
         if getattr(log, "shown_tail", None) != tail:
@@ -150,9 +154,9 @@ class RunsScreen(Screen):
         if summary is None:
             return
         if runs.stop(summary.path):
-            self.notify(f"stopping {summary.name}: it saves a checkpoint, then exits")
+            self.notify(f"stopping {summary.name}: it saves a checkpoint, then exits", markup=False)
         else:
-            self.notify(f"{summary.name} is not running", severity="warning")
+            self.notify(f"{summary.name} is not running", severity="warning", markup=False)
 
     def action_resume(self) -> None:
         from clipctl import runs
@@ -162,27 +166,46 @@ class RunsScreen(Screen):
             return
         try:
             resumed = runs.resume(summary.path)
-        except (ValueError, OSError) as exc:
-            self.notify(str(exc), severity="error")
+        except (UserError, OSError) as exc:  # refused, or the folder is unreadable
+            self.show_error(f"{summary.name} not resumed", exc)
             return
-        self.notify(f"resuming {summary.name} (pid {resumed.pid})")
+        self.notify(f"resuming {summary.name} (pid {resumed.pid})", markup=False)
         self.action_refresh_runs()
 
     def action_evaluate(self) -> None:
         summary = self._selected_summary()
         if summary is not None:
-            self.notify(f"evaluating {summary.name}...")
+            self.notify(f"evaluating {summary.name}...", markup=False)
             self.evaluate(summary.path, summary.name)
 
-    @work(thread=True, exclusive=True, group="evaluate")
-    def evaluate(self, path: Path, name: str) -> dict:
+    # exit_on_error=False: a failure Textual would otherwise treat as fatal (closing the
+    # app, and the runs it watches with it) is shown instead; the expected ones are
+    # caught below with a readable message.
+    @work(thread=True, exclusive=True, group="evaluate", exit_on_error=False)
+    def evaluate(self, path: Path, name: str) -> dict | None:
         from clipctl import runs
 
         try:
             results = runs.evaluate(path)
-        except RuntimeError as exc:
-            self.app.call_from_thread(self.notify, str(exc), severity="error")
-            raise
+        except (UserError, RuntimeError, OSError) as exc:
+            self.app.call_from_thread(self.show_error, f"evaluating {name} failed", exc)
+            return None
         shown = ", ".join(f"{k} {v:.3f}" for k, v in results.items() if isinstance(v, float))
-        self.app.call_from_thread(self.notify, f"{name}: {shown}", timeout=10)
+        self.app.call_from_thread(self.notify, f"{name}: {shown}", timeout=10, markup=False)
         return results
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """A worker that failed unexpectedly (a bug): say so rather than stay silent."""
+        if event.state == WorkerState.ERROR:
+            what = event.worker.name or "a background task"
+            self.show_error(f"{what} failed unexpectedly", event.worker.error)
+
+    def show_error(self, title: str, error: BaseException | None) -> None:
+        """The error's own lines (``key: message``), as clipctl prints them."""
+        message = str(error) or type(error).__name__
+        self.notify(message, title=title, severity="error", timeout=15, markup=False)
+
+
+def _number(value: object) -> bool:
+    """Whether a metric can be plotted (a damaged record may hold anything)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)

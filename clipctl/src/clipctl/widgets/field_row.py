@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
@@ -80,7 +81,7 @@ class FieldRow(Vertical):
         self.error = message
         self.set_class(bool(message), "-invalid")
         for label in self.query(".field-error").results(Label):
-            label.update(message or "")
+            label.update(escape(message or ""))  # the user's text: never markup
             label.display = bool(message)
 
     def _changed(self, shown: Any, value: Any) -> None:

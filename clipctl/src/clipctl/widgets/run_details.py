@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from textual.widgets import Static
 
 STATE_COLOURS = {
@@ -24,7 +25,7 @@ def format_eta(seconds: float | None) -> str:
 
 def state_markup(state: str) -> str:
     colour = STATE_COLOURS.get(state, "white")
-    return f"[{colour}]{state}[/{colour}]"
+    return f"[{colour}]{escape(state)}[/{colour}]"
 
 
 class RunDetails(Static):
@@ -34,7 +35,7 @@ class RunDetails(Static):
             return
         s = summary
         lines = [
-            f"[b]{s.name}[/b] {state_markup(s.state)}",
+            f"[b]{escape(s.name)}[/b] {state_markup(s.state)}",
             f"step   {s.step}/{s.steps if s.steps is not None else '?'}",
             f"loss   {s.loss:.4f}" if s.loss is not None else "loss   -",
             f"lr     {s.learning_rate:.2e}" if s.learning_rate is not None else "lr     -",
@@ -49,4 +50,6 @@ class RunDetails(Static):
             lines.append(f"(eval at step {evaluation.get('step')})")
         ckpts = ", ".join(map(str, s.checkpoints[-3:])) or "-"
         lines.append(f"ckpts  {ckpts}")
+        if s.error:  # why it failed: the launch's own error line, when it said one
+            lines.append(f"[red]error[/red]  {escape(s.error)}")
         self.update("\n".join(lines))

@@ -1,10 +1,10 @@
 """tf.data over tfrecord shards (img2dataset / DataComp layout) -> numpy batches.
 
-Order is a pure function of the seed: files are listed and sorted, records are
-shuffled with a fixed seed and repeated, and each record carries its position in that
-stream. A checkpoint stores the next position, so a resumed run skips exactly the
-records it had consumed (skipping raw records, before any decoding). Records that fail
-to parse or decode are dropped and counted from the gaps in those positions.
+Evaluation reads its files in order, unshuffled. Training streams are built by
+``data.stream`` (one per logical reader, resumable in constant time); ``make_dataset``
+with ``train=True`` gives one such stream, as a lone reader would read it. Every record
+carries its position in its stream; records that fail to parse or decode are dropped
+and counted from the gaps in those positions.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clip_jax.data.tf_setup import import_tf
+from clip_jax.errors import PathError
 from clip_jax.schemas import CLIP_MEAN, CLIP_STD, PreprocessOptions
 
 # CLIP's normalisation constants, the default of every run's [preprocess].
@@ -31,15 +32,25 @@ class Batch:
     skipped: int  # records dropped so far (corrupt or undecodable)
 
 
-def expand_files(patterns: str | Sequence[str]) -> list[str]:
-    """Globs or paths (local or gs://) -> sorted list of existing files."""
+class NoFilesMatch(PathError, FileNotFoundError):
+    """A glob or path that names no file (still a FileNotFoundError for older callers)."""
+
+
+def expand_files(patterns: str | Sequence[str], key: str | None = None) -> list[str]:
+    """Globs or paths (local or gs://) -> sorted list of existing files.
+
+    ``key`` is the spec key the patterns came from, so that the error says what to fix.
+    """
     tf = import_tf()
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     files: list[str] = []
     for pattern in patterns:
         matched = tf.io.gfile.glob(pattern)
         if not matched:
-            raise FileNotFoundError(f"no files match {pattern!r}")
+            raise NoFilesMatch(
+                f"no files match {pattern!r}: check the path, or write the shards first",
+                key=key,
+            )
         files += matched
     return sorted(set(files))
 
@@ -99,15 +110,27 @@ def make_dataset(
 
     ``threads`` bounds the pipeline's own thread pool (reading, decoding, resizing), so
     that tf.data never competes with JAX for the host's cores; order does not depend on it.
+    With ``train``, the stream of a lone logical reader (``data.stream``): shuffled by
+    windows of ``shuffle_buffer`` records, repeated; ``start_position`` is found by reading
+    record headers (``Readers`` resumes from a full state instead, in constant time).
     """
+    if train:
+        return _train_stream(
+            files,
+            image_size=image_size,
+            batch_size=batch_size,
+            image_key=image_key,
+            caption_key=caption_key or "txt",
+            label_key=label_key,
+            seed=seed,
+            window=shuffle_buffer,
+            start_position=start_position,
+            preprocess=preprocess,
+            threads=threads,
+        ).dataset
     tf = import_tf()
     preprocess = preprocess or PreprocessOptions()
-    # Training interleaves its files; evaluation reads them in order (a stable order).
-    parallel = min(len(files), 8) if train else None
-    ds = tf.data.TFRecordDataset(list(files), num_parallel_reads=parallel)
-    if train:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.enumerate().skip(start_position)
+    ds = tf.data.TFRecordDataset(list(files)).enumerate().skip(start_position)
     features = {image_key: tf.io.FixedLenFeature([], tf.string)}
     if caption_key:  # classification sets (e.g. ImageNet's) have no captions
         features[caption_key] = tf.io.FixedLenFeature([], tf.string)
@@ -127,11 +150,21 @@ def make_dataset(
 
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors()
-    ds = ds.batch(batch_size, drop_remainder=train)
+    ds = ds.batch(batch_size)
     options = tf.data.Options()
     options.threading.private_threadpool_size = threads
     options.deterministic = True
     return ds.with_options(options).prefetch(2)
+
+
+def _train_stream(files: Sequence[str], *, window: int, start_position: int, **kwargs):
+    from clip_jax.data.stream import RawStream, ReaderStream, fresh_state, seek
+
+    state = fresh_state(window, len(files))
+    if start_position:
+        state[0] = start_position
+        state[1:5] = seek(RawStream(files, kwargs["seed"], 0), window, start_position)
+    return ReaderStream(files, reader=0, window=window, state=state, **kwargs)
 
 
 def iterate(dataset, start_position: int = 0) -> Iterator[Batch]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
-from clip_jax.errors import UserError
+from clip_jax.errors import PathError, UserError
 from clip_jax.schemas import SentencePieceTokenizerOptions
 
 FORMAT = "clip_jax.sentencepiece"
@@ -208,7 +208,12 @@ def sentencepiece_tokenizer(
         "add_eos": options.add_eos,
     }
     if not path.is_file():
-        raise UserError(f"tokenizer.path: {options.path} does not exist (or is not a file)")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise PathError(
+            f"{options.path} {what}: give the SentencePiece .model file (e.g. a SigLIP "
+            "folder's spiece.model)",
+            key="tokenizer.path",
+        )
     try:
         if _is_saved(path):
             proto, settings = _read_saved(path, "tokenizer.path")

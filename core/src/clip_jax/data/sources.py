@@ -30,9 +30,10 @@ def _classes(path: str | None) -> tuple[list[str], list[str]]:
 
 def tfrecord_source(options: TfrecordDataOptions) -> DataSource:
     """Factory registered as data source ``tfrecord``."""
-    validation = expand_files(options.validation) if options.validation else []
+    validation = expand_files(options.validation, "data.validation") if options.validation else []
     classes, templates = _classes(options.classes_file)
-    return DataSource(expand_files(options.train), validation, options, classes, templates)
+    train = expand_files(options.train, "data.train")
+    return DataSource(train, validation, options, classes, templates)
 
 
 def synthetic_source(options: SyntheticDataOptions) -> DataSource:
@@ -49,8 +50,8 @@ def synthetic_source(options: SyntheticDataOptions) -> DataSource:
     )
     classes, templates = _classes(str(root / "classes.json"))
     return DataSource(
-        expand_files(str(root / "train" / "*.tfrecord")),
-        expand_files(str(root / "validation" / "*.tfrecord")),
+        expand_files(str(root / "train" / "*.tfrecord"), "data.dir"),
+        expand_files(str(root / "validation" / "*.tfrecord"), "data.dir"),
         options,
         classes,
         templates,

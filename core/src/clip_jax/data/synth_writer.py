@@ -15,11 +15,16 @@ from pathlib import Path
 
 from clip_jax.data import synthetic
 from clip_jax.data.shards import serialize, write_shard
+from clip_jax.errors import PathError
 
 EXAMPLES_PER_SHARD = 2048
 MIN_SHARDS = 8  # so that even a small dataset can feed several readers / processes
 # Validation examples use a different seed stream, so they never repeat a training image.
 VALIDATION_SEED_OFFSET = 1_000_003
+
+
+class ForeignFolder(PathError, FileExistsError):
+    """A folder that holds other files: the synthetic writer never touches it."""
 
 
 def _render(args: tuple[int, int, int, int]) -> list[tuple[str, bytes, str, int]]:
@@ -64,7 +69,10 @@ def write_synthetic(
     if is_complete(out, wanted):
         return wanted
     if out.exists() and any(out.iterdir()) and not (out / "dataset.json").exists():
-        raise FileExistsError(f"{out} exists and was not written by `clipctl data synth`")
+        raise ForeignFolder(
+            "exists and was not written by `clipctl data synth`: choose an empty or new folder",
+            key=str(out),
+        )
     out.mkdir(parents=True, exist_ok=True)
     # Claim the folder first: an interrupted write is recognised as ours and redone.
     (out / "dataset.json").write_text(json.dumps({**wanted, "complete": False}) + "\n")

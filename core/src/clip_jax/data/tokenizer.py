@@ -22,7 +22,7 @@ from tokenizers import (
     trainers,
 )
 
-from clip_jax.errors import UserError
+from clip_jax.errors import PathError, UserError
 from clip_jax.schemas import BpeTokenizerOptions
 
 PAD, BOS, EOS = "<pad>", "<start_of_text>", "<end_of_text>"
@@ -94,6 +94,10 @@ def bpe_tokenizer(
                 raise UserError(f"tokenizer.path: {path} is not a tokenizer.json ({exc})") from None
             return TextTokenizer(loaded, context_length, options.pad_id)
     if options.path:
-        raise UserError(f"tokenizer.path: {options.path} does not exist")
+        raise PathError(
+            f"{options.path} does not exist: give a tokenizer.json, or leave tokenizer.path "
+            "out to train one on the captions",
+            key="tokenizer.path",
+        )
     trained = train_bpe(captions, options.vocab_size, options.lowercase)
     return TextTokenizer(trained, context_length, options.pad_id)

@@ -30,8 +30,8 @@ class StepBatch:
     """A train step's batch arguments on devices, and where the readers stand after them."""
 
     inputs: tuple[jax.Array, ...]  # images_BxHxWxC, tokens_BxL[, labels_B]: global arrays
-    positions: np.ndarray  # this process's readers' positions after this batch
-    skipped: int  # records dropped so far by this process's readers
+    positions: np.ndarray  # this process's readers' rows (opaque) after this batch
+    skipped: dict[str, int]  # records dropped by this process's readers, by reason
 
 
 def device_batches(

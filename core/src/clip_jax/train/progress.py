@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from clip_jax.run_folder import RunFolder
+from clip_jax.train.events import Subscriber
 
 
 def format_eta(seconds: float) -> str:
@@ -72,7 +73,9 @@ class Clock:
         return figures
 
 
-class Progress:
+class Progress(Subscriber):
+    """The display, and run.log: a subscriber of the loop's events."""
+
     def __init__(
         self,
         total: int,
@@ -81,8 +84,10 @@ class Progress:
         stream: TextIO | None = None,
         plain_every_s: float = 10.0,
         quiet: bool = False,
+        batch_size: int = 0,
     ):
         self.total, self.step = total, start
+        self.batch_size = batch_size  # for the ETA
         self.quiet = quiet  # processes other than the first of a multi-process run
         self.folder = folder
         self.stream = stream or sys.stderr
@@ -126,7 +131,8 @@ class Progress:
     def update(self, step: int, metrics: dict[str, Any]) -> None:
         self.step = step
         ips = metrics.get("images_per_s") or 0.0
-        eta = (self.total - step) * metrics.get("batch_size", 0) / ips if ips else 0.0
+        batch_size = metrics.get("batch_size", self.batch_size)
+        eta = (self.total - step) * batch_size / ips if ips else 0.0
         info = f"loss {metrics['loss']:.4f} | lr {metrics['learning_rate']:.2e} | {ips:,.0f} img/s"
         line = f"step {step}/{self.total} | {info} | ETA {format_eta(eta)}"
         self.folder.log(line)
@@ -141,3 +147,29 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
+
+    # ------------------------------------------------------------------ events
+    def on_message(self, text: str) -> None:
+        self.message(text)
+
+    def on_step(self, step: int, record: dict[str, Any]) -> None:
+        self.update(step, record)
+
+    def on_eval(self, step: int, results: dict[str, Any]) -> None:
+        if results:
+            shown = " | ".join(f"{k} {v:.3f}" for k, v in results.items() if isinstance(v, float))
+            self.message(f"eval step {step} | {shown}")
+
+    def on_guard(self, step: int, event: str, text: str) -> None:
+        self.message(text)
+
+    def on_stop(self, step: int) -> None:
+        self.message(f"stopped at step {step}; rerun the same command to resume")
+
+    def on_rollback(self, step: int, to_step: int) -> None:
+        self.message(f"rolled back from step {step} to the checkpoint at step {to_step}")
+        self.resume_at(to_step)
+
+    def on_failure(self, step: int, error: str) -> None:
+        self.folder.log(f"failed at step {step}: {error}")  # the caller prints the error

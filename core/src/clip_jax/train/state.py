@@ -19,6 +19,7 @@ import optax
 
 from clip_jax.errors import UserError
 from clip_jax.sharding import Layout
+from clip_jax.train import guards
 from clip_jax.train.microbatch import cached_value_and_grad
 
 State = dict[str, Any]
@@ -106,12 +107,16 @@ def make_train_step(
     seed: int = 0,
     objective: Callable | None = None,
     microbatches: int = 1,
+    guard=None,
 ) -> Callable:
     """``train_step(state, images, tokens, labels=None) -> (state, metrics)``.
 
     ``objective``: ``(params, images, tokens, labels, dropout_rng) -> (loss, metrics)``,
     a head's (``clip_jax.heads``); by default the contrastive loss on both towers.
     ``microbatches``: computed over that many micro-batches (``train.microbatch``).
+    ``guard``: ``train.spike``'s options; the state then has a ``"guard"`` entry
+    (``guards.create_guard``) and an update with a non-finite or spiking loss or gradient
+    norm is dropped on the device (``clip_jax.train.guards``).
     """
     if objective is None:
         from clip_jax.heads import contrastive_objective
@@ -133,19 +138,31 @@ def make_train_step(
 
         inputs = (images_BxHxWxC, tokens_BxL, labels_B, dropout_rng)
         (loss, head_metrics), grads = value_and_grad(state["params"], *inputs)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {
-            "step": state["step"] + 1,
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state,
-        }
         metrics = {
             "loss": loss,
             "learning_rate": schedule(state["step"]),
             "grad_norm": optax.global_norm(grads),
             **head_metrics,
         }
+        new_state = {"step": state["step"] + 1}  # a skipped step counts: its batch is used
+        if guard is None:
+            new_state["params"], new_state["opt_state"] = update(grads, state)
+        else:
+            ok, event, new_state["guard"] = guards.judge(
+                state["guard"], loss, metrics["grad_norm"], guard
+            )
+            # A branch, not a select of both: a skipped update costs nothing, an applied
+            # one stays in place (a select reads and writes the whole state once more).
+            keep = lambda grads, state: (state["params"], state["opt_state"])  # noqa: E731
+            new_state["params"], new_state["opt_state"] = jax.lax.cond(
+                ok, update, keep, grads, state
+            )
+            metrics |= guards.guard_metrics(new_state["guard"], event)
         return new_state, metrics
+
+    def update(grads, state: State) -> tuple[Any, Any]:
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        return optax.apply_updates(state["params"], updates), opt_state
 
     return jax.jit(train_step, out_shardings=(shardings, None), donate_argnums=0)
 

@@ -7,9 +7,9 @@ caller passes ``force=True``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, TextIO
 
 import jax
@@ -19,15 +19,15 @@ from clip_jax import distributed
 from clip_jax import spec as spec_lib
 from clip_jax.components import Components, components
 from clip_jax.data import pipeline
-from clip_jax.data.readers import Readers
 from clip_jax.errors import UserError
 from clip_jax.evaluate import evaluate, padded_encoder
 from clip_jax.run_folder import RunFolder, RunFolderConflict, check_run_folder  # noqa: F401
 from clip_jax.spec import RunSpec
+from clip_jax.train import guards
 from clip_jax.train.checkpoint import Checkpoints
-from clip_jax.train.prefetch import Prefetch, StepBatch, device_batches
-from clip_jax.train.progress import Clock, Progress
-from clip_jax.train.signals import StopRequest
+from clip_jax.train.events import Events, RunFolderWriter, log_messages, reported
+from clip_jax.train.loop import TrainLoop
+from clip_jax.train.progress import Progress
 from clip_jax.train.state import create_state, make_encoders, make_train_step, state_shardings
 
 
@@ -99,24 +99,66 @@ def load_tokenizer(comps: Components, folder: RunFolder, train_files: Sequence[s
 
 
 def train(spec: RunSpec, force: bool = False, stream: TextIO | None = None) -> dict[str, Any]:
-    """Train (or resume) the run described by ``spec``; returns the final evaluation."""
+    """Train (or resume) the run described by ``spec``; returns the final evaluation.
+
+    Everything that can fail on the user's input is checked before the run folder is
+    created or changed: a run that never starts leaves no trace.
+    """
     distributed.initialize(spec.distributed)
     comps = components(spec)
-    comps.check()  # what a head needs (towers, labels): refused before the folder is written
+    preflight(comps)
     folder = RunFolder(spec.run.output_dir, writable=distributed.is_main())
     check_run_folder(folder, spec, force)
     folder.write_spec(spec_lib.to_toml(spec))
     total = spec.train.steps
-    folder.write_status("running", step=0, steps=total)
-    try:
-        return _train(comps, folder, stream)
-    except KeyboardInterrupt:
-        if folder.status().get("state") != "interrupted":  # a second Ctrl-C
-            folder.write_status("interrupted", step=_last_step(folder), steps=total)
-        raise
-    except BaseException as exc:
-        folder.write_status("failed", error=f"{type(exc).__name__}: {exc}", steps=total)
-        raise
+    progress = Progress(
+        total, 0, folder, stream, quiet=not folder.writable, batch_size=spec.train.batch_size
+    )
+    events = Events([RunFolderWriter(folder, total), progress])
+    loops: list[TrainLoop] = []  # the loop, once made: the step a failure reports
+    last_step = lambda: loops[0].step if loops else _last_step(folder)  # noqa: E731
+    with reported(events, last_step), log_messages(events), ExitStack() as closing:
+        closing.callback(progress.close)  # on every exit: checkpoints written out, then the bar
+        events.emit("start", 0, total)
+        return _train(comps, folder, events, progress, closing, loops)
+
+
+def preflight(comps: Components) -> None:
+    """The checks that need no run folder, data reading or device work beyond the mesh."""
+    from clip_jax.pretrained import parse_ref
+
+    comps.check()  # what a head needs (towers, labels)
+    spec = comps.spec
+    source = comps.data  # the data files resolve
+    path = getattr(spec.tokenizer, "path", None)
+    if path and "://" not in path and not Path(path).exists():
+        raise UserError(f"tokenizer.path: {path} does not exist; fix the path or unset it")
+    init_from = spec.train.init_from  # a fresh run takes its tokenizer
+    if (
+        init_from
+        and not parse_ref(init_from)
+        and not RunFolder(spec.run.output_dir).tokenizer.exists()
+        and not RunFolder(init_from).tokenizer.exists()
+    ):
+        raise UserError(f"train.init_from: {init_from} has no tokenizer.json")
+    layout = comps.layout  # the mesh builds on these devices
+    batch, micro, processes = spec.train.batch_size, spec.train.microbatches, jax.process_count()
+    if batch % (layout.batch_divisor * processes * micro):
+        per = f" x {micro} micro-batches" if micro > 1 else ""
+        raise UserError(
+            f"train.batch_size ({batch}) must be divisible by the {layout.batch_divisor} "
+            f"devices of the batch axes{per}"
+        )
+    readers, files = source.keys.readers, len(source.train_files)
+    if readers % processes:
+        raise UserError(f"data.readers ({readers}) must be a multiple of the {processes} processes")
+    if batch % readers:
+        raise UserError(f"train.batch_size ({batch}) must divide by data.readers ({readers})")
+    if files < readers:
+        raise UserError(
+            f"{files} training shards cannot feed data.readers = {readers}: "
+            "lower data.readers or write more, smaller shards"
+        )
 
 
 def _warm_start(spec: RunSpec, tx, init, abstract, shardings, layout):
@@ -144,245 +186,91 @@ def _last_step(folder: RunFolder) -> int:
     return max((r.get("step", 0) for r in folder.metrics()), default=0)
 
 
-def _train(comps: Components, folder: RunFolder, stream: TextIO | None) -> dict[str, Any]:
+def _train(
+    comps: Components,
+    folder: RunFolder,
+    events: Events,
+    progress: Progress,
+    closing: ExitStack,
+    loops: list,
+) -> dict[str, Any]:
     spec = comps.spec
-    total, batch_size = spec.train.steps, spec.train.batch_size
-    layout = comps.layout
-    micro = spec.train.microbatches
-    if batch_size % (layout.batch_divisor * jax.process_count() * micro):
-        per = f" x {micro} micro-batches" if micro > 1 else ""
-        raise UserError(
-            f"train.batch_size ({batch_size}) must be divisible by the {layout.batch_divisor} "
-            f"devices of the batch axes{per}"
-        )
-    with ExitStack() as closing:  # on every exit: checkpoints written out, then the bar
-        progress = Progress(total, 0, folder, stream, quiet=not folder.writable)
-        closing.callback(progress.close)
-        progress.message(
-            f"run folder {folder.path} | devices {jax.device_count()} | "
-            f"processes {jax.process_count()} | preparing data"
-        )
-        source = comps.data
-        tokenizer = load_tokenizer(comps, folder, source.train_files)
-        tx, schedule = comps.optimizer()
-        model = comps.model
-        init, abstract, shardings = state_shardings(model, tx, layout, spec)
-        checkpoints = Checkpoints(
-            folder.checkpoints, spec.train.keep_checkpoints, spec.train.checkpoint_every
-        )
-        closing.callback(checkpoints.close)
-        latest = checkpoints.latest_step()
-        if latest is None:
-            if spec.train.init_from:  # no random init first: one state in memory, not two
-                state, fresh = _warm_start(spec, tx, init, abstract, shardings, layout)
-                fresh_head = " (head/ initialised fresh)" if fresh else ""
-                progress.message(f"parameters from {spec.train.init_from}{fresh_head}")
-            else:
-                state = create_state(init, shardings, spec.run.seed)
-            data_state = {"positions": [0] * source.keys.readers, "skipped": 0}
+    total, layout = spec.train.steps, comps.layout
+    events.message(
+        f"run folder {folder.path} | devices {jax.device_count()} | "
+        f"processes {jax.process_count()} | preparing data"
+    )
+    tokenizer = load_tokenizer(comps, folder, comps.data.train_files)
+    tx, schedule = comps.optimizer()
+    init, abstract, shardings = state_shardings(comps.model, tx, layout, spec)
+    shardings = {**shardings, "guard": guards.guard_shardings(layout.mesh)}
+    window = spec.train.spike.window
+    checkpoints = Checkpoints(folder.checkpoints, spec.train.keep_checkpoints, 1)
+    closing.callback(checkpoints.close)
+
+    def restore(step: int) -> tuple[Any, dict[str, Any]]:
+        guard = guards.abstract_guard(window, shardings["guard"])
+        state, data_state = checkpoints.restore(step, abstract, guard)
+        if "guard" not in state:  # a checkpoint from before guards, or another window
+            state["guard"] = guards.create_guard(window, shardings["guard"])
+        return state, data_state
+
+    latest = checkpoints.latest_step()
+    if latest is None:
+        if spec.train.init_from:  # no random init first: one state in memory, not two
+            state, fresh = _warm_start(spec, tx, init, abstract, shardings, layout)
+            fresh_head = " (head/ initialised fresh)" if fresh else ""
+            events.message(f"parameters from {spec.train.init_from}{fresh_head}")
         else:
-            state, data_state = checkpoints.restore(latest, abstract)
-            folder.truncate_metrics(latest)
-            progress.message(f"resumed from the checkpoint at step {latest}")
-        step = int(state["step"])
-        progress.resume_at(step)
-        final = folder.last_eval()
-        if step >= total and final is not None and final.get("step") == step:
-            progress.message(f"run already finished at step {step}")
-            folder.write_status("finished", step=step, steps=total)
-            return final
-        train_step = make_train_step(
-            model,
-            comps.loss.fn,
-            tx,
-            schedule,
-            shardings,
-            layout,
-            seed=spec.run.seed,
-            objective=comps.head.objective(model, comps.loss.fn),
-            microbatches=spec.train.microbatches,
-        )
-        loop = TrainLoop(comps, folder, progress, checkpoints, tokenizer, make_encoders(model))
-        return loop.run(state, data_state, train_step)
+            state = create_state(
+                init, {k: v for k, v in shardings.items() if k != "guard"}, spec.run.seed
+            )
+        state["guard"] = guards.create_guard(window, shardings["guard"])
+        data_state = None
+    else:
+        state, data_state = restore(latest)
+        folder.truncate_metrics(latest)
+        events.message(f"resumed from the checkpoint at step {latest}")
+    step = int(state["step"])
+    progress.resume_at(step)
+    final = folder.last_eval()
+    if step >= total and final is not None and final.get("step") == step:
+        events.message(f"run already finished at step {step}")
+        events.emit("finish", step, final)
+        return final
+    train_step = make_train_step(
+        comps.model,
+        comps.loss.fn,
+        tx,
+        schedule,
+        shardings,
+        layout,
+        seed=spec.run.seed,
+        objective=comps.head.objective(comps.model, comps.loss.fn),
+        microbatches=spec.train.microbatches,
+        guard=spec.train.spike,
+    )
+    encoders = make_encoders(comps.model)
+    evaluate = lambda step, state: _evaluate(
+        comps, folder, events, step, state, tokenizer, encoders
+    )  # noqa: E731
+    loop = TrainLoop(comps, events, checkpoints, tokenizer, evaluate, restore, _rollbacks(folder))
+    loops.append(loop)
+    loop.step = step
+    return loop.run(state, data_state, train_step)
 
 
-class TrainLoop:
-    """The steps of one run: dispatch, log, evaluate, save, stop when asked.
-
-    The host never waits for the step it has just launched: batches are prepared ahead
-    by a thread (``Prefetch``), and a log step's metrics stay on the device until the next
-    step is dispatched. Only the last step, a stop, an evaluation or a checkpoint writes
-    its record at once (each waits for the device anyway). The host runs at most one
-    step ahead of the device, which keeps the batches in flight few and lets the wait
-    for data measure the time the device is idle.
-    """
-
-    def __init__(
-        self,
-        comps: Components,
-        folder: RunFolder,
-        progress: Progress,
-        checkpoints: Checkpoints,
-        tokenizer: Callable,
-        encoders: tuple[Callable, Callable],
-    ):
-        self.comps, self.spec = comps, comps.spec
-        self.folder, self.progress, self.checkpoints = folder, progress, checkpoints
-        self.tokenizer, self.encoders = tokenizer, encoders
-        self.total = self.spec.train.steps
-        self.clock = Clock()
-        self.pending: tuple[int, Any, int] | None = None  # a log step's (step, metrics, skipped)
-
-    def is_log_step(self, step: int) -> bool:
-        return step % self.spec.train.log_every == 0
-
-    def is_final_step(self, step: int) -> bool:
-        return step == self.total
-
-    def is_eval_step(self, step: int) -> bool:
-        every = self.spec.eval.every
-        return bool(every) and step % every == 0 and not self.is_final_step(step)
-
-    def is_checkpoint_step(self, step: int) -> bool:
-        return step % self.spec.train.checkpoint_every == 0 or self.is_final_step(step)
-
-    def batches(self, data_state: dict[str, Any]) -> Prefetch:
-        """This process's batches from the checkpoint's positions on, prepared ahead."""
-        spec, keys, head = self.spec, self.comps.data.keys, self.comps.head
-        # Checkpoints before data.readers existed hold a single "position".
-        positions = data_state.get("positions", [data_state.get("position", 0)])
-        readers = Readers(
-            self.comps.data.train_files,
-            keys,
-            image_size=spec.model.vision.image_size,
-            global_batch=spec.train.batch_size,
-            seed=spec.run.seed,
-            positions=positions,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            preprocess=spec.preprocess,
-            labels=head.needs_labels,
-        )
-        labels = (lambda b: _checked_labels(b, head, keys)) if head.needs_labels else None
-        return Prefetch(readers, device_batches(self.comps.layout, self.tokenizer, labels))
-
-    def run(self, state, data_state: dict[str, Any], train_step: Callable) -> dict[str, Any]:
-        step, total = int(state["step"]), self.total
-        skipped_before = data_state.get("skipped", 0)  # all readers, up to the checkpoint
-        results: dict[str, Any] = {}
-        with self.batches(data_state) as batches, StopRequest() as stop:
-            # Processes stop together: a request to any one of them (Ctrl-C on its
-            # terminal, `clipctl stop` to process 0) is agreed on at the next sync point,
-            # so all save the same step and none is left waiting in a collective.
-            if distributed.any_process(stop.requested):  # before the first step: no save
-                self.stopped(step)
-            try:
-                in_flight = None  # the last step dispatched (its metrics)
-                while step < total:
-                    batch = self.next_batch(batches, in_flight)
-                    state, metrics = train_step(state, *batch.inputs)
-                    step += 1
-                    # The host keeps one step ahead of the device: it waits for the step
-                    # before this one, while the device has this one to run.
-                    jax.block_until_ready(in_flight)
-                    in_flight = metrics
-                    if not self.clock.started:  # the first step compiles: time from here on
-                        jax.block_until_ready(metrics)
-                        self.clock.start(step)
-                    self.write_pending()  # the last log step's: done
-                    stopping = _stop_agreed(stop.requested, self.is_log_step(step))
-                    if self.is_log_step(step) or self.is_final_step(step) or stopping:
-                        self.pending = (step, metrics, skipped_before + batch.skipped)
-                    eval_now = self.is_eval_step(step) and not stopping
-                    save_now = self.is_checkpoint_step(step) or stopping
-                    if eval_now or save_now:  # both wait for the device: the record first
-                        self.write_pending()
-                    if eval_now:
-                        with self.clock.timing("eval"):
-                            results = self.evaluate(step, state)
-                    if save_now:
-                        with self.clock.timing("checkpoint"):
-                            self.save(step, state, batch, skipped_before, force=stopping)
-                    if stopping:
-                        self.checkpoints.close()
-                        self.stopped(step)
-            finally:  # a failure after a log step still leaves its record
-                with suppress(Exception):
-                    self.write_pending()
-        results = self.evaluate(step, state)
-        self.folder.write_status("finished", step=step, steps=total)
-        return results
-
-    def next_batch(self, batches: Prefetch, in_flight: Any) -> StepBatch:
-        """The next batch. When none is ready yet, the device first finishes its step, so
-        ``time/data_wait_frac`` counts the time it sits idle waiting for data."""
-        if in_flight is not None and not batches.ready():
-            jax.block_until_ready(in_flight)
-        with self.clock.timing("data_wait"):
-            return next(batches)
-
-    def write_pending(self) -> None:
-        """Fetch the metrics of the pending log step and write its record."""
-        if self.pending is None:
-            return
-        (step, metrics, skipped), self.pending = self.pending, None
-        record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        batch_size = self.spec.train.batch_size
-        record |= self.clock.lap(step, batch_size)
-        record["skipped_records"] = skipped  # this process's readers
-        self.folder.append_metrics({"step": step, "split": "train", **record, "time": time.time()})
-        self.progress.update(step, {**record, "batch_size": batch_size})
-        self.folder.write_status("running", step=step, steps=self.total)
-
-    def save(self, step: int, state, batch: StepBatch, skipped_before: int, force: bool) -> None:
-        """A checkpoint at ``step``, with the data position after ``batch``, its last."""
-        # Every process owns some readers: gather all positions (a collective).
-        skipped = distributed.allgather(np.asarray([batch.skipped]))
-        data = {
-            "positions": [int(p) for p in distributed.allgather(batch.positions)],
-            "skipped": skipped_before + int(skipped.sum()),
-        }
-        self.checkpoints.save(step, state, data, force=force)
-
-    def evaluate(self, step: int, state) -> dict[str, Any]:
-        return _evaluate(
-            self.comps, self.folder, self.progress, step, state, self.tokenizer, self.encoders
-        )
-
-    def stopped(self, step: int) -> None:
-        self.progress.message(f"stopped at step {step}; rerun the same command to resume")
-        self.folder.write_status("interrupted", step=step, steps=self.total)
-        raise KeyboardInterrupt
+def _rollbacks(folder: RunFolder) -> int:
+    """Rollbacks so far (process 0's count, for the record; limits count this process's)."""
+    train = [r for r in folder.metrics() if r.get("split") == "train"]
+    return int(train[-1].get("guard/rollbacks", 0)) if train else 0
 
 
-def _checked_labels(labels: np.ndarray, head, keys) -> np.ndarray:
-    """The batch's labels as int32; a label the head has no class for is an error."""
-    if head.num_classes is not None and labels.size and labels.max() >= head.num_classes:
-        raise UserError(
-            f"head.num_classes is {head.num_classes}, but the data's {keys.label_key!r} "
-            f"feature holds label {int(labels.max())}: raise head.num_classes"
-        )
-    return labels.astype(np.int32)
-
-
-def _stop_agreed(requested: bool, sync_point: bool) -> bool:
-    """One process decides alone at every step; several agree at log steps only, since
-    agreeing is a collective that makes the host wait for the device."""
-    if jax.process_count() == 1:
-        return requested
-    return sync_point and distributed.any_process(requested)
-
-
-def _evaluate(comps, folder, progress, step, state, tokenizer, encoders) -> dict[str, Any]:
-    started = time.perf_counter()
+def _evaluate(comps, folder, events, step, state, tokenizer, encoders) -> dict[str, Any]:
     # Multi-process: every process helps gather the parameters; process 0 evaluates.
     params = distributed.to_host(state["params"])
     if not folder.writable:
         return {}
     results = run_evaluation(comps, params, tokenizer, encoders)
-    if results:
-        record = {"step": step, "split": "validation", **results, "time": time.time()}
-        folder.append_metrics(record)
-        shown = " | ".join(f"{k} {v:.3f}" for k, v in results.items() if isinstance(v, float))
-        progress.message(f"eval step {step} | {shown} | {time.perf_counter() - started:.1f}s")
+    events.emit("eval", step, results)  # its time: the next record's time/eval_s
     return results
