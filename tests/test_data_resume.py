@@ -90,6 +90,7 @@ def test_checkpoint_is_json_of_ints(uninterrupted):
     assert np.array_equal(np.asarray(saved["readers"]), uninterrupted[4].positions)
 
 
+@pytest.mark.slow
 def test_two_processes_read_the_one_process_batches(shards, uninterrupted):
     def split(resume):
         return [

@@ -42,29 +42,39 @@ def test_resampling_to_the_tables_own_grid_is_the_table():
 
 @pytest.mark.parametrize(
     ("pool", "registers"),
-    [("tok", 0), pytest.param("gap", 0, marks=pytest.mark.slow), ("map", 2)],
+    [
+        ("tok", 0),
+        pytest.param("gap", 0, marks=pytest.mark.slow),
+        pytest.param("map", 2, marks=pytest.mark.slow),
+    ],
 )
 def test_a_square_image_gives_the_square_paths_embedding(pool, registers):
     model = tower(pool, registers)
     image = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
-    params = model.init(jax.random.key(0), jnp.asarray(image))
-    square = model.apply(params, jnp.asarray(image))
-    flex = model.apply(params, pad_batch([image[0]], PATCH, SIDE * SIDE + 5))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(image))
+    apply = jax.jit(model.apply)
+    square = apply(params, jnp.asarray(image))
+    flex = apply(params, pad_batch([image[0]], PATCH, SIDE * SIDE + 5))
     np.testing.assert_allclose(flex, square, atol=1e-5)
 
 
 @pytest.mark.parametrize(
     ("pool", "registers"),
-    [("tok", 0), pytest.param("gap", 0, marks=pytest.mark.slow), ("map", 2)],
+    [
+        ("tok", 0),
+        pytest.param("gap", 0, marks=pytest.mark.slow),
+        pytest.param("map", 2, marks=pytest.mark.slow),
+    ],
 )
 def test_a_mixed_batch_equals_its_images_one_by_one(pool, registers):
     model = tower(pool, registers)
     rng = np.random.default_rng(1)
     shapes = [(2, 6), (5, 3), (3, 3)]  # grids (rows, columns): wide, tall, square
     images = [rng.normal(size=(r * PATCH, c * PATCH, 3)).astype(np.float32) for r, c in shapes]
-    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    batch = model.apply(params, pad_batch(images, PATCH, 16))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    apply = jax.jit(model.apply)
+    batch = apply(params, pad_batch(images, PATCH, 16))
     for i, image in enumerate(images):
-        alone = model.apply(params, pad_batch([image], PATCH, 24))  # other padding too
+        alone = apply(params, pad_batch([image], PATCH, 24))  # other padding too
         np.testing.assert_allclose(batch[i], alone[0], atol=1e-5)
     assert isinstance(pad_batch(images, PATCH, 16), NaflexImages)

@@ -404,3 +404,32 @@ def test_runs_and_plot_stay_light(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "['matplotlib']"
+
+
+def test_the_summary_and_the_details_show_skipped_data_and_guard_events(tmp_path):
+    from clipctl.widgets.run_details import RunDetails
+
+    folder = make_run(tmp_path / "bad-data", "running")
+    add_metrics(folder)
+    folder.append_metrics(
+        {
+            "step": 30,
+            "split": "train",
+            "loss": 1.0,
+            "skipped_records": 7,
+            "skipped/undecodable": 5,
+            "skipped/empty_caption": 2,
+            "skipped/missing_key": 0,
+            "guard/skipped_updates": 1,
+            "guard/rollbacks": 0,
+        }
+    )
+    summary = runs.summarize(folder.path)
+    assert summary.skipped == {"undecodable": 5, "empty_caption": 2}
+    assert summary.guards == {"skipped_updates": 1}
+    shown = []
+    details = RunDetails()
+    details.update = shown.append  # the text the widget would render
+    details.show(summary)
+    assert "skipped undecodable 5, empty caption 2" in shown[0]
+    assert "skipped updates 1" in shown[0]

@@ -415,3 +415,12 @@ def test_a_file_that_is_not_text_is_a_spec_error(tmp_path):
     with pytest.raises(SpecError, match="cannot read the spec file") as info:
         load_spec(binary)
     assert info.value.problems[0][0] == str(binary)
+
+
+def test_a_bare_carriage_return_is_read_as_tomllib_reads_it(tmp_path):
+    """Found by the fuzzer: reading the file as text turned a lone CR into a newline, so
+    a file that tomllib refuses passed validation."""
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_bytes(b"\r[train]\nsteps = 5\n")
+    with pytest.raises(SpecError, match=r"line 1, column 1: not valid TOML"):
+        read_toml(spec_file)

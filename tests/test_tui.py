@@ -295,6 +295,7 @@ def broken_run(root: Path) -> Path:
     return folder.path
 
 
+@pytest.mark.slow  # a clipctl eval subprocess
 def test_evaluating_a_broken_run_folder_is_shown_and_the_app_goes_on(tmp_path):
     run_dir = broken_run(tmp_path / "runs")
 

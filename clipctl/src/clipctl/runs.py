@@ -68,6 +68,9 @@ class RunSummary:
     checkpoints: list[int] = field(default_factory=list)
     pid: int | None = None
     error: str | None = None
+    # From the last train record: records skipped by reason, the guards' counts.
+    skipped: dict[str, int] = field(default_factory=dict)
+    guards: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (the path as a string)."""
@@ -120,7 +123,15 @@ def summarize(run_dir: str | Path, root: str | Path | None = None) -> RunSummary
         checkpoints=_checkpoint_steps(folder),
         pid=pid,
         error=str(error) if error and state == "failed" else None,
+        skipped=_counts(last, "skipped/"),
+        guards=_counts(last, "guard/"),
     )
+
+
+def _counts(record: dict[str, Any], prefix: str) -> dict[str, int]:
+    """``{name: n}`` for a record's non-zero ``prefix<name>`` numbers."""
+    counts = {k[len(prefix) :]: _number(v) for k, v in record.items() if k.startswith(prefix)}
+    return {k: int(v) for k, v in counts.items() if v}
 
 
 def find_runs(root: str | Path = "runs") -> list[RunSummary]:

@@ -248,7 +248,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     naming the file (and, for TOML syntax, the line and column)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")  # as tomllib.load: no newline translation
     except FileNotFoundError:
         raise SpecError([(str(path), "spec file not found")]) from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -48,6 +48,12 @@ class RunDetails(Static):
                 lines.append(f"{key.replace('retrieval_', '')[:14]:<14} {evaluation[key]:.3f}")
         if evaluation:
             lines.append(f"(eval at step {evaluation.get('step')})")
+        if s.skipped:  # bad data, by reason: what to look at in the shards
+            reasons = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in s.skipped.items())
+            lines.append(f"skipped {escape(reasons)}")
+        if s.guards:
+            guards = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in s.guards.items())
+            lines.append(f"[yellow]guards[/yellow] {escape(guards)}")
         ckpts = ", ".join(map(str, s.checkpoints[-3:])) or "-"
         lines.append(f"ckpts  {ckpts}")
         if s.error:  # why it failed: the launch's own error line, when it said one
