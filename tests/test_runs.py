@@ -433,3 +433,11 @@ def test_the_summary_and_the_details_show_skipped_data_and_guard_events(tmp_path
     details.show(summary)
     assert "skipped undecodable 5, empty caption 2" in shown[0]
     assert "skipped updates 1" in shown[0]
+
+
+def test_a_damaged_status_or_metrics_file_reads_as_unknown_not_a_crash(tmp_path):
+    folder = make_run(tmp_path / "damaged", None)
+    (folder.path / "status.json").write_text("[1, 2]")
+    (folder.path / "metrics.jsonl").write_bytes(b'{"step": 1, "split": "train"}\n\xff\xfe\n')
+    assert folder.status() == {"state": "unknown"}
+    assert list(folder.metrics()) == [{"step": 1, "split": "train"}]

@@ -71,7 +71,8 @@ class RunFolder:
     # ------------------------------------------------------------------ metrics
     def metrics(self) -> Iterator[dict[str, Any]]:
         try:
-            lines = (self.path / METRICS).read_text().splitlines()
+            # A damaged file stays readable: undecodable bytes spoil only their line.
+            lines = (self.path / METRICS).read_text(errors="replace").splitlines()
         except FileNotFoundError:
             return
         for line in lines:
@@ -111,6 +112,8 @@ class RunFolder:
         try:
             status = json.loads((self.path / STATUS).read_text())
         except (OSError, ValueError):
+            status = None
+        if not isinstance(status, dict):  # missing, or not what the trainer writes
             return {"state": "new" if not self.exists() else "unknown"}
         if status.get("state") in ("running", "starting") and not owns_run(
             status.get("pid"), status.get("updated")

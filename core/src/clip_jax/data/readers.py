@@ -87,7 +87,7 @@ class Readers:
         labels: bool = False,
     ):
         count = keys.readers
-        _check_layout(len(files), count, global_batch, process_count)
+        check_layout(len(files), count, global_batch, process_count)
         per_process = count // process_count
         self.owned = range(process_index * per_process, (process_index + 1) * per_process)
         self.labels = labels
@@ -145,7 +145,9 @@ class Readers:
         return sum(stream.resume_reads or 0 for stream in self.streams)
 
 
-def _check_layout(shards: int, count: int, global_batch: int, process_count: int) -> None:
+def check_layout(shards: int, count: int, global_batch: int, process_count: int) -> None:
+    """The readers a spec asks for fit its processes, batch and shards (the trainer
+    checks it before the run folder is written; the readers again when they start)."""
     if count % process_count:
         raise UserError(
             f"{count} must be a multiple of the {process_count} processes", key="data.readers"

@@ -19,6 +19,7 @@ from clip_jax import distributed
 from clip_jax import spec as spec_lib
 from clip_jax.components import Components, components
 from clip_jax.data import pipeline
+from clip_jax.data.readers import check_layout
 from clip_jax.errors import UserError
 from clip_jax.evaluate import evaluate, padded_encoder
 from clip_jax.run_folder import RunFolder, RunFolderConflict, check_run_folder  # noqa: F401
@@ -149,16 +150,7 @@ def preflight(comps: Components) -> None:
             f"train.batch_size ({batch}) must be divisible by the {layout.batch_divisor} "
             f"devices of the batch axes{per}"
         )
-    readers, files = source.keys.readers, len(source.train_files)
-    if readers % processes:
-        raise UserError(f"data.readers ({readers}) must be a multiple of the {processes} processes")
-    if batch % readers:
-        raise UserError(f"train.batch_size ({batch}) must divide by data.readers ({readers})")
-    if files < readers:
-        raise UserError(
-            f"{files} training shards cannot feed data.readers = {readers}: "
-            "lower data.readers or write more, smaller shards"
-        )
+    check_layout(len(source.train_files), source.keys.readers, batch, processes)
 
 
 def _warm_start(spec: RunSpec, tx, init, abstract, shardings, layout):
