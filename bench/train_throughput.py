@@ -85,7 +85,7 @@ def compiled_step(comps):
         schedule,
         shardings,
         comps.layout,
-        objective=comps.head.objective(comps.model, comps.loss.fn),
+        objective=comps.objective(),
     )
     return step, state
 

@@ -34,7 +34,11 @@ from clip_jax.plugins import get_registry
 from clipctl.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATES = {p.stem: p.read_text() for p in sorted((ROOT / "templates").glob("*.toml"))}
+# `run` reads the run folder before training: a gs:// one would need the network here.
+TEMPLATES = {
+    p.stem: re.sub(r'(?m)^output_dir = "gs://[^"]*"', 'output_dir = "runs/fuzzed"', p.read_text())
+    for p in sorted((ROOT / "templates").glob("*.toml"))
+}
 FUZZ = settings(  # CLIP_JAX_FUZZ_EXAMPLES=5000 for a longer hunt
     max_examples=int(os.environ.get("CLIP_JAX_FUZZ_EXAMPLES", 150)),
     deadline=None,

@@ -231,6 +231,8 @@ def test_launch_screen_warns_before_launching_a_run_that_does_not_fit(
         async with app.run_test(size=SIZE) as pilot:
             launch = await open_launch_screen(pilot, app, spec_path)
             assert "estimating" in memory_text(launch)  # in a worker: the screen is up
+            summary = str(launch.query_one("#launch-summary").render())
+            assert "headless:   clipctl run big.toml" in summary  # to repeat it without the TUI
 
             def estimated() -> bool:
                 return launch.fits is not None or "failed" in memory_text(launch)
@@ -415,3 +417,35 @@ def test_a_damaged_run_folder_is_listed_and_the_app_goes_on(tmp_path):
             assert summary.step == 10 and summary.loss == 2.5  # the one good record
 
     asyncio.run(scenario())
+
+
+def test_the_step_column_grows_with_the_step(tmp_path):
+    """A column sized for a new run's "0/250" showed a finished one as "250/2"."""
+    from clip_jax.run_folder import RunFolder
+
+    run_dir = broken_run(tmp_path / "runs")
+    folder = RunFolder(run_dir)
+    folder.write_status("running", step=0, steps=250)
+
+    async def scenario():
+        app = ClipctlApp(runs_root=tmp_path / "runs", cwd=tmp_path)
+        async with app.run_test(size=(100, 24)) as pilot:
+            await pilot.press("f3")
+            await pilot.pause()
+            folder.write_status("finished", step=250, steps=250)
+            app.screen.action_refresh_runs()
+            await pilot.pause()
+            table = app.screen.query_one(DataTable)
+            step = list(table.columns.values())[2]
+            assert table.get_cell("broken", step.key) == "250/250"
+            assert step.content_width >= len("250/250")
+
+    asyncio.run(scenario())
+
+
+def test_the_headless_command_is_quoted_for_a_shell(tmp_path):
+    from clipctl.screens.launch import headless_command
+
+    odd = tmp_path / "my specs" / "x; touch PWNED.toml"
+    assert headless_command(odd, tmp_path) == "clipctl run 'my specs/x; touch PWNED.toml'"
+    assert headless_command(odd, tmp_path / "elsewhere") == f"clipctl run '{odd}'"

@@ -197,3 +197,17 @@ def test_evaluate_switches_and_head_scores():
 def test_evaluate_on_an_empty_split_is_an_error():
     with pytest.raises(ValueError, match="empty"):
         evaluate([], encode_images, encode_texts, classes=CLASSES)
+
+
+def test_captions_are_scored_by_exact_match_words_and_the_class_they_name():
+    from clip_jax.evaluate import caption_class_accuracy, caption_match
+
+    made = ["a red cross", "A small blue  square", "a red square and a blue square", "nothing"]
+    references = ["a red cross", "a blue square", "a blue square", "a red cross"]
+    scores = caption_match(made, references)
+    assert scores["caption_exact_match"] == 0.25
+    # word by word: 3/3, then a=a (1 of 3), a/a red/blue square/square (2 of 3), 0 of 3
+    assert scores["caption_word_accuracy"] == (3 + 1 + 2 + 0) / 12
+    classes = ["red cross", "blue square", "red square"]
+    labels = np.array([0, 1, 1, -1])  # two classes named: wrong; unlabelled: not counted
+    assert caption_class_accuracy(made, labels, classes) == {"caption_class_accuracy": 2 / 3}

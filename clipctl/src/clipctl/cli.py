@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from clip_jax.errors import PathError, RunFolderError, UserError
-from clipctl import __version__, info_command, model_commands
+from clipctl import __version__, info_command, model_commands, plugin_new
 from clipctl.errors import ClipctlGroup, CommandFailed
 from clipctl.spec_args import load, overrides_argument, spec_argument
 
@@ -73,12 +73,28 @@ def show(spec: str, overrides: tuple[str, ...]) -> None:
 @spec_argument
 @overrides_argument
 @click.option("--force", is_flag=True, help="Use this spec in a run folder made by another.")
-def run(spec: str, overrides: tuple[str, ...], force: bool) -> None:
+@click.option(
+    "--hosts",
+    default=None,
+    metavar="tpu:NAME[@ZONE]|ssh:H1,H2,...|slurm[:NODES]",
+    help="Run on every host of a TPU slice, SSH hosts or a Slurm job (see README).",
+)
+@click.option("--dry-run", is_flag=True, help="With --hosts: print the commands, start nothing.")
+def run(
+    spec: str, overrides: tuple[str, ...], force: bool, hosts: str | None, dry_run: bool
+) -> None:
     """Train (or resume) the run a spec describes.
 
     Ctrl-C or SIGTERM (`clipctl stop`) finishes the step, saves a checkpoint and exits
     with code 130; rerunning the same command resumes.
     """
+    if hosts is not None or dry_run:
+        from clipctl.launch_command import run_on_hosts
+
+        if hosts is None:
+            raise UserError("--dry-run shows the commands of a --hosts launch: add --hosts")
+        run_on_hosts(spec, overrides, hosts, force, dry_run)
+        return
     # SIGTERM before the training loop (imports, data, tokenizer) stops like Ctrl-C
     # instead of killing the process and leaving the run folder saying "running".
     previous = _interrupt_on_sigterm()
@@ -143,10 +159,11 @@ def _interrupt_on_sigterm():
 
 def _run_folder(run_dir: str) -> Path:
     """The run folder RUN, or a RunFolderError when it is not one."""
+    from clip_jax import storage
     from clip_jax.run_folder import SPEC, STATUS
 
-    path = Path(run_dir)
-    if not ((path / SPEC).exists() or (path / STATUS).exists()):
+    path = storage.path(run_dir)  # a local folder or a URL (gs://)
+    if not any((path / name).exists() for name in (SPEC, STATUS, "hosts.json")):
         raise RunFolderError(f"{run_dir} is not a run folder (no {SPEC} or {STATUS})")
     return path
 
@@ -160,9 +177,10 @@ def _cell(value: float | None, form: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per run.")
 def runs_command(root: str, as_json: bool) -> None:
     """List the run folders under ROOT (default ./runs) with their state and progress."""
+    from clip_jax import storage
     from clipctl import runs as runs_lib
 
-    if not Path(root).is_dir():
+    if not storage.path(root).is_dir():
         raise PathError(f"no folder {root}: pass the folder that holds your runs")
     found = runs_lib.find_runs(root)
     if as_json:
@@ -323,14 +341,30 @@ def data() -> None:
 @click.option("--validation-examples", default=1024, show_default=True)
 @click.option("--image-size", default=32, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--format",
+    "format_name",
+    default="tfrecord",
+    show_default=True,
+    help="record format of the shards: tfrecord, or one a data source plugin adds (webdataset)",
+)
 def synth(
-    out_dir: str, train_examples: int, validation_examples: int, image_size: int, seed: int
+    out_dir: str,
+    train_examples: int,
+    validation_examples: int,
+    image_size: int,
+    seed: int,
+    format_name: str,
 ) -> None:
-    """Write captioned synthetic shapes as img2dataset-style tfrecord shards."""
+    """Write captioned synthetic shapes as img2dataset-style shards (tfrecord or tar)."""
+    from clip_jax.data.formats import record_format
     from clip_jax.data.synth_writer import write_synthetic
 
+    shards = record_format(format_name)  # an unknown name: a UserError naming --format
     # A folder synth did not write is never touched: a PathError naming it.
-    settings = write_synthetic(out_dir, train_examples, validation_examples, image_size, seed)
+    settings = write_synthetic(
+        out_dir, train_examples, validation_examples, image_size, seed, record_format=shards
+    )
     click.echo(
         f"wrote {settings['train_examples']} train and {settings['validation_examples']} "
         f"validation examples ({len(settings['classes'])} classes) to {out_dir}"
@@ -341,6 +375,7 @@ cli.add_command(info_command.info)
 cli.add_command(model_commands.eval_command)
 cli.add_command(model_commands.export_command)
 cli.add_command(model_commands.predict_command)
+cli.add_command(plugin_new.plugin)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clip_jax import storage
 from clip_jax.errors import RunFolderError
 from clip_jax.run_folder import (
     CHECKPOINTS,
@@ -71,6 +72,8 @@ class RunSummary:
     # From the last train record: records skipped by reason, the guards' counts.
     skipped: dict[str, int] = field(default_factory=dict)
     guards: dict[str, int] = field(default_factory=dict)
+    # A multi-host launch (`clipctl run --hosts`): its hosts, worker 0 (coordinator) first.
+    hosts: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (the path as a string)."""
@@ -87,7 +90,7 @@ def summarize(run_dir: str | Path, root: str | Path | None = None) -> RunSummary
     run whose status says starting/running but whose process is gone is "failed".
     """
     _reap()
-    path = Path(run_dir)
+    path = storage.path(run_dir)  # a local folder or a URL (gs://)
     folder = RunFolder(path)
     status = folder.status()
     state = str(status.get("state", "unknown"))
@@ -125,7 +128,21 @@ def summarize(run_dir: str | Path, root: str | Path | None = None) -> RunSummary
         error=str(error) if error and state == "failed" else None,
         skipped=_counts(last, "skipped/"),
         guards=_counts(last, "guard/"),
+        hosts=_hosts(path),
     )
+
+
+def _hosts(path) -> list[str]:
+    """The hosts of a multi-host run, from its hosts.json (none for a one-host run)."""
+    from clipctl.hosts import read_record
+
+    if storage.is_url(path):
+        return []
+    record = read_record(path) or {}
+    workers = record.get("workers")
+    if not isinstance(workers, list):
+        return []
+    return [str(w.get("host", "?")) for w in workers if isinstance(w, dict)]
 
 
 def _counts(record: dict[str, Any], prefix: str) -> dict[str, int]:
@@ -140,9 +157,9 @@ def find_runs(root: str | Path = "runs") -> list[RunSummary]:
     A run folder is one holding spec.resolved.toml or status.json; a run's checkpoints/
     is never searched. A missing root has no runs.
     """
-    root = Path(root)
+    root = storage.path(root)
     found: list[RunSummary] = []
-    for here, dirs, files in os.walk(root):
+    for here, dirs, files in storage.walk(root):
         if SPEC in files or STATUS in files:
             found.append(summarize(here, root))
             if CHECKPOINTS in dirs:
@@ -184,6 +201,7 @@ def resume(run_dir: str | Path) -> RunSummary:
     was moved away from its spec's run.output_dir.
     """
     path = Path(run_dir)
+    _refuse_url(run_dir, "resumed")
     folder = RunFolder(path)
     if not folder.exists():
         raise RunRefused(f"{path} is not a run folder (no {SPEC})")
@@ -205,6 +223,11 @@ def stop(run_dir: str | Path) -> bool:
     so the run can be resumed where it stopped. Only the process recorded in the run's
     status is signalled, and only while it is alive and still the one that wrote it.
     """
+    _refuse_url(run_dir, "stopped")
+    from clipctl.hosts import stop_hosts
+
+    if stop_hosts(run_dir):  # a multi-host run: its launcher stops every host
+        return True
     summary = summarize(run_dir)
     if summary.state not in ACTIVE or summary.pid is None:
         return False
@@ -266,6 +289,17 @@ def evaluate(run_dir: str | Path, timeout: float | None = None) -> dict[str, Any
 
 
 # ------------------------------------------------------------------ helpers
+def _refuse_url(run_dir: str | Path, action: str) -> None:
+    """A run folder on a URL (gs://) belongs to a process that may be on any machine."""
+    if storage.is_url(run_dir):
+        raise RunRefused(
+            f"{run_dir} is on {storage.path(run_dir).scheme}://: its run cannot be {action} "
+            "from here (its process may be on another machine); do it where the run "
+            "was launched (Ctrl-C or SIGTERM stops it and saves a checkpoint; rerunning "
+            "the same `clipctl run` resumes it)"
+        )
+
+
 def _records(folder: RunFolder) -> list[dict[str, Any]]:
     """The run's metric records that are records: a hand-edited or damaged
     metrics.jsonl (a line that is a number, a list) is not worth a crash of the TUI."""

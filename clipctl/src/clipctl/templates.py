@@ -1,7 +1,8 @@
 """clipctl's run-spec templates, registered through the ``register_templates`` hook.
 
-In a wheel the templates ship inside the package (``clipctl/templates``); in a source
-checkout they are the repository's ``templates/`` folder.
+The repository's top-level ``templates/`` folder is their one copy. In a checkout (and
+an editable install) they are read from there; the sdist and the wheel carry them,
+the wheel inside the package as ``clipctl/templates`` (``clipctl/hatch_build.py``).
 """
 
 from pathlib import Path
@@ -12,6 +13,7 @@ hookimpl = pluggy.HookimplMarker("clip_jax")
 
 
 def templates_dir() -> Path:
+    """Where the templates are: inside the installed package, else the checkout's."""
     packaged = Path(__file__).parent / "templates"
     if packaged.is_dir():
         return packaged

@@ -5,6 +5,7 @@ imports jax or tensorflow.
 """
 
 from clip_jax import schemas
+from clip_jax.aux_terms import CaptioningOptions
 from clip_jax.plugins import hookimpl, lazy
 from clip_jax.presets import CLIP_PRESETS
 
@@ -45,6 +46,16 @@ def register_losses(register):
         options=schemas.SigmoidOptions,
         description="SigLIP loss with text embeddings passed round a ring of devices "
         "(ppermute): each device holds only per-device-batch^2 logits",
+    )
+
+
+@hookimpl
+def register_aux_losses(register):
+    register(
+        "captioning",
+        lazy("clip_jax.models.captioning:captioning"),
+        options=CaptioningOptions,
+        description="LocCa / CapPa captioning decoder on the image tower's tokens",
     )
 
 
@@ -96,6 +107,7 @@ def register_data_sources(register):
         lazy("clip_jax.data.sources:tfrecord_source"),
         options=schemas.TfrecordDataOptions,
         description="img2dataset / DataComp tfrecord shards (local paths or gs://)",
+        formats={"tfrecord": "clip_jax.data.formats:TFRECORD"},
     )
     register(
         "synthetic",
@@ -118,6 +130,23 @@ def register_tokenizers(register):
         lazy("clip_jax.data.sentencepiece_tokenizer:sentencepiece_tokenizer"),
         options=schemas.SentencePieceTokenizerOptions,
         description="SentencePiece .model (e.g. SigLIP's spiece.model), tokenizing as SigLIP",
+    )
+
+
+@hookimpl
+def register_loggers(register):
+    register(
+        "jsonl",
+        lazy("clip_jax.train.loggers:jsonl_logger"),
+        description="metrics.jsonl and status.json in the run folder (always on: clipctl "
+        "runs, the TUI and resuming read them)",
+    )
+    register(
+        "tensorboard",
+        lazy("clip_jax.train.loggers:tensorboard_logger"),
+        options=schemas.TensorBoardOptions,
+        description="TensorBoard event files in <run.output_dir>/tensorboard/ "
+        "(train/..., eval/..., the spec, parameter counts and machine)",
     )
 
 

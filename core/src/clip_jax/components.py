@@ -33,12 +33,50 @@ class Components:
         return _build(self.spec, "head", self.registry)
 
     @cached_property
+    def aux_terms(self) -> list:
+        """The ``[[loss.aux]]`` terms, built (``clip_jax.aux_terms``)."""
+        entries = getattr(self.spec.loss, "aux", [])
+        return [
+            self.registry.get("aux_loss", entry.name, key=f"loss.aux.{i}.name").factory(
+                entry, self.spec
+            )
+            for i, entry in enumerate(entries)
+        ]
+
+    @cached_property
     def model(self):
-        """The architecture's model with the head's parameters (if it has any)."""
+        """The architecture's model with the head's parameters (if it has any) and the
+        auxiliary terms' modules."""
         model = _build(
             self.spec, "model", self.registry, self.loss.init_temperature, self.loss.init_bias
         )
-        return self.head.attach(model, self.spec.model.architecture)
+        model = self.head.attach(model, self.spec.model.architecture)
+        if not self.aux_terms:
+            return model
+        if self.head.name != "contrastive":
+            raise UserError(
+                f"loss.aux: auxiliary terms train the two towers' contrastive model; "
+                f"head {self.head.name!r} has its own objective (remove [[loss.aux]])"
+            )
+        if "aux" not in getattr(model, "__dataclass_fields__", {}):
+            raise UserError(
+                f"loss.aux: architecture {self.spec.model.architecture!r} has no place for "
+                "auxiliary terms (build it with clip_jax.models.clip.two_tower)"
+            )
+        from flax.core import FrozenDict
+
+        return model.clone(aux=FrozenDict({t.name: t.module for t in self.aux_terms}))
+
+    def objective(self, model=None):
+        """What the train step differentiates: the head's objective, or the contrastive
+        loss plus the auxiliary terms. ``model``: another build of the model (resized)."""
+        model = self.model if model is None else model
+        if self.aux_terms:
+            from clip_jax.heads import contrastive_objective
+
+            weights = {t.name: t.weight for t in self.aux_terms}
+            return contrastive_objective(model, self.loss.fn, aux_weights=weights)
+        return self.head.objective(model, self.loss.fn)
 
     @cached_property
     def classifier(self):
@@ -60,8 +98,8 @@ class Components:
     def check(self) -> None:
         """What the head and the parameter groups need from the spec, before the run
         folder is written, any data is read or any step is run."""
-        if self.head.towers or self.head.module is not None:
-            _ = self.model  # attaching the head checks the towers it reads
+        if self.head.towers or self.head.module is not None or self.aux_terms:
+            _ = self.model  # attaching the head and terms checks what they read
         if self.head.needs_labels and not getattr(self.spec.data, "label_key", None):
             raise UserError(
                 f"data.label_key: head {self.spec.head.name!r} trains on the records' integer "

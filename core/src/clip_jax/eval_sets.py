@@ -31,6 +31,7 @@ class EvalSet:
     classes: list[str]
     templates: list[str]
     name: str
+    record_format: Any = None  # a clip_jax.data.formats.RecordFormat; None: TFRecord
 
 
 def embed_set(model, files: Sequence[str], keys: EvalSet, limit: int | None) -> dict[str, Any]:
@@ -47,6 +48,7 @@ def embed_set(model, files: Sequence[str], keys: EvalSet, limit: int | None) -> 
         label_key=keys.label_key,
         train=False,
         preprocess=spec.preprocess,
+        record_format=keys.record_format,
     )
     images, labels, captions = [], [], []
     for batch in pipeline.iterate(dataset):
@@ -140,8 +142,10 @@ def run_eval_set(
     keys = model.spec.data  # the run's record keys; its data source only when needed
     names: list[str] = []
     templates = ["a photo of a {}."]
+    record_format = None  # --data: TFRecord shards
     if data is None:
         source = model.comps.data
+        record_format = source.record_format
         if not source.validation_files:
             raise UserError("the run has no validation split: pass --data GLOB")
         files, name = list(source.validation_files), "validation"
@@ -162,4 +166,5 @@ def run_eval_set(
         classes=names,
         templates=templates,
         name=name,
+        record_format=record_format,
     )

@@ -89,15 +89,21 @@ def evaluate(
     retrieval_enabled: bool = True,
     max_examples: int | None = None,
     head_scores: Callable[[object], np.ndarray] | None = None,
+    caption_images: Callable[[np.ndarray], list[str]] | None = None,
+    caption_examples: int = 256,
 ) -> dict:
     """Run the enabled evaluators over validation batches (``pipeline.Batch`` objects).
 
     ``head_scores``: a batch -> its classification head's scores (N x classes); the
     head's accuracy is measured on the examples that have a label.
+    ``caption_images``: images -> generated captions (a captioning term's decoder),
+    compared with the reference captions of the first ``caption_examples`` examples.
     """
-    img, txt, labels, captions, scores = [], [], [], [], []
+    img, txt, labels, captions, scores, generated = [], [], [], [], [], []
     for batch in batches:
         img.append(encode_images(batch.images))
+        if caption_images is not None and len(generated) < caption_examples:
+            generated += caption_images(batch.images)
         captions += batch.captions
         if retrieval_enabled:
             txt.append(encode_texts(batch.captions))
@@ -123,4 +129,42 @@ def evaluate(
         labels_N = np.concatenate(labels)[:limit]
         known = labels_N >= 0
         results |= head_accuracy(np.concatenate(scores)[:limit][known], labels_N[known])
+    if generated:
+        made = generated[: min(limit, caption_examples)]
+        results |= caption_match(made, captions)
+        if classes and labels:
+            results |= caption_class_accuracy(made, np.concatenate(labels), classes)
     return results
+
+
+def caption_class_accuracy(
+    generated: Sequence[str], labels_N: np.ndarray, classes: Sequence[str]
+) -> dict:
+    """Share of generated captions that name their image's class and no other class:
+    what a caption gets right when the references' wording varies at random (the
+    embedded dataset's "a picture of a ..." / "an image of a ...")."""
+    names = [f" {name.lower()} " for name in classes]
+    right, counted = 0, 0
+    for made, label in zip(generated, labels_N, strict=False):
+        if label < 0:
+            continue
+        text = f" {' '.join(made.lower().split())} "
+        named = [i for i, name in enumerate(names) if name in text]
+        right += named == [label]
+        counted += 1
+    return {"caption_class_accuracy": right / counted} if counted else {}
+
+
+def caption_match(generated: Sequence[str], references: Sequence[str]) -> dict:
+    """Exact match (case and surrounding spaces ignored) and word-level accuracy of
+    generated captions against the references, position by position."""
+    same, words, hits = 0, 0, 0
+    for made, reference in zip(generated, references, strict=False):
+        made_words, ref_words = made.lower().split(), reference.lower().split()
+        same += made_words == ref_words
+        words += len(ref_words)
+        hits += sum(a == b for a, b in zip(made_words, ref_words, strict=False))
+    return {
+        "caption_exact_match": same / max(len(generated), 1),
+        "caption_word_accuracy": hits / max(words, 1),
+    }

@@ -22,7 +22,7 @@ A head is chosen in the ``[head]`` table (``name``) and registered through
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -57,13 +57,23 @@ class SplitObjective:
         return self.score(per_example, shared, labels_B)
 
 
-def contrastive_objective(model: nn.Module, loss_fn, lock: str | None = None) -> Objective:
+def contrastive_objective(
+    model: nn.Module,
+    loss_fn,
+    lock: str | None = None,
+    aux_weights: Mapping[str, float] | None = None,
+) -> Objective:
     """The two towers' embeddings scored by the run's contrastive loss. ``lock``: a tower
-    run in inference mode whose embeddings pass no gradient (LiT)."""
+    run in inference mode whose embeddings pass no gradient (LiT). ``aux_weights``: the
+    model's auxiliary terms (``clip_jax.aux_terms``) by name, each term's batch mean
+    added with its weight; the contrastive loss alone is then logged as
+    ``loss/contrastive``, each term as ``loss/<name>``."""
     extra = {"lock": lock} if lock else {}  # a plain run calls the model as it always has
+    if aux_weights:
+        extra["aux"] = True
 
     def forward(params, images_BxHxWxC, tokens_BxL, dropout_rng):
-        img_emb_BxD, txt_emb_BxD, log_scale, bias = model.apply(
+        img_emb_BxD, txt_emb_BxD, log_scale, bias, *aux = model.apply(
             {"params": params},
             images_BxHxWxC,
             tokens_BxL,
@@ -71,13 +81,21 @@ def contrastive_objective(model: nn.Module, loss_fn, lock: str | None = None) ->
             rngs={"dropout": dropout_rng},
             **extra,
         )
-        return (img_emb_BxD, txt_emb_BxD), (log_scale, bias)
+        return (img_emb_BxD, txt_emb_BxD, *aux), (log_scale, bias)
 
-    def score(embeddings, scale_and_bias, labels_B):
+    def score(per_example, scale_and_bias, labels_B):
         del labels_B
-        (img_emb_BxD, txt_emb_BxD), (log_scale, bias) = embeddings, scale_and_bias
+        (img_emb_BxD, txt_emb_BxD, *aux), (log_scale, bias) = per_example, scale_and_bias
         loss = loss_fn(img_emb_BxD, txt_emb_BxD, log_scale, bias)
-        return loss, {"temperature": jnp.exp(log_scale), "logit_bias": bias}
+        metrics = {"temperature": jnp.exp(log_scale), "logit_bias": bias}
+        if aux:
+            metrics["loss/contrastive"] = loss
+            for name, outputs in aux[0].items():
+                means = {key: jnp.mean(value) for key, value in outputs.items()}
+                loss = loss + aux_weights[name] * means["loss"]
+                metrics |= {f"loss/{name}": means.pop("loss")}
+                metrics |= {f"{name}/{key}": value for key, value in means.items()}
+        return loss, metrics
 
     return SplitObjective(forward, score)
 

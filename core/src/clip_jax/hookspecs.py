@@ -14,9 +14,23 @@ adds. The built-in components are registered through these same hooks
 - ``presets`` maps a preset name to a dict of option values (``model.preset = "tiny"``).
 
 ``register_templates`` is different: ``register(name, path, description="")``.
+
+Versions: ``HOOKSPEC_VERSION`` grows by one whenever a hook is added or a factory's
+signature changes. A plugin states the versions it works with as a module (or plugin
+object) attribute, ``CLIP_JAX_HOOKSPEC = ">=2"``: comma-separated comparisons
+(``>=``, ``>``, ``<=``, ``<``, ``==``, ``!=``) with whole numbers, such as ``">=2,<4"``
+or ``"==2"``; a bare number (``2`` or ``"2"``) means ``">=2"``.
+A plugin whose specifier this clip-jax does not satisfy is not loaded: ``clipctl
+plugins`` lists it as broken with the version it needs. A plugin without the attribute
+is loaded (it predates versions, and hooks are only ever added).
+
+Version history: 1, the component hooks and templates; 2, ``register_loggers``;
+3, ``register_aux_losses``.
 """
 
 import pluggy
+
+HOOKSPEC_VERSION = 3
 
 hookspec = pluggy.HookspecMarker("clip_jax")
 
@@ -44,6 +58,16 @@ def register_losses(register):
 
 
 @hookspec
+def register_aux_losses(register):
+    """Register auxiliary objectives, the ``[[loss.aux]]`` terms added to the main loss
+    (captioning...). The factory is ``factory(options, spec)`` and returns a
+    ``clip_jax.aux_terms.AuxTerm``: a Flax module, called with the image tower's token
+    sequence and the captions' tokens, that returns per-example values ``{"loss": B,
+    <metric>: B}``; its parameters live under ``aux_<name>/``. Options subclass
+    ``clip_jax.aux_terms.AuxOptions`` (which has ``weight``)."""
+
+
+@hookspec
 def register_sharding_strategies(register):
     """Register sharding strategies (how parameters and batches map to the mesh)."""
 
@@ -62,7 +86,13 @@ def register_heads(register):
 
 @hookspec
 def register_data_sources(register):
-    """Register data sources (where training and validation examples come from)."""
+    """Register data sources (where training and validation examples come from).
+
+    The factory is ``factory(options)`` and returns a ``clip_jax.data.sources.DataSource``;
+    its ``record_format`` (a ``clip_jax.data.formats.RecordFormat``, TFRecord by default)
+    says how its shards are read. ``formats={"NAME": "module:attr"}`` names the record
+    formats it brings, which ``clipctl data synth --format NAME`` can write.
+    """
 
 
 @hookspec
@@ -78,3 +108,21 @@ def register_optimizers(register):
 @hookspec
 def register_templates(register):
     """Register run-spec templates: ``register(name, path, description="")``."""
+
+
+@hookspec
+def register_loggers(register):
+    """Register experiment loggers (trackers), chosen by ``logging.loggers`` (any number).
+
+    The factory is ``factory(options, run)``: ``options`` are the validated
+    ``[logging.<name>]`` table, ``run`` a ``clip_jax.train.loggers.RunContext`` (the run's
+    ``name``, its ``folder`` path, the resolved ``spec`` as plain data and the ``steps``
+    to train). It returns a
+    ``clip_jax.train.events.Subscriber`` whose ``on_<event>`` methods log: ``on_run_info``
+    (once: the resolved spec, parameter counts and the machine), ``on_step`` (train
+    records), ``on_eval`` (evaluation results), and ``on_finish`` / ``on_stop`` /
+    ``on_failure`` (exactly one of them ends the run: flush and close there).
+
+    Only the main process builds loggers. A factory or event method that raises is
+    reported once in run.log and the logger is switched off; the run goes on.
+    """

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from clip_jax import spec as spec_lib
+from clip_jax import storage
 from clip_jax.components import Components, components
 from clip_jax.errors import UserError
 from clip_jax.run_folder import RunFolder
@@ -33,6 +34,7 @@ class LoadedClip:
         from clip_jax.train.state import make_encoders
 
         self.params = jax.device_put(self.params)  # once, not at every call
+        self._caption = None  # the jitted greedy decoder, made on first use
         images_fn, texts_fn = make_encoders(self.comps.model)
         size = self.comps.spec.eval.batch_size
         self._images = padded_encoder(images_fn, self.params, size)
@@ -85,6 +87,22 @@ class LoadedClip:
         probs = np.exp(logits)
         return probs / probs.sum(axis=1, keepdims=True)
 
+    def caption(self, images: Any, max_length: int | None = None) -> list[str]:
+        """Greedy captions from a run trained with the ``captioning`` term
+        (``[[loss.aux]]``): images as ``encode_images`` takes them."""
+        from clip_jax.evaluate import padded_encoder
+        from clip_jax.models.captioning import greedy_captioner
+
+        if self._caption is None:
+            decode = greedy_captioner(self.comps.model, self.tokenizer.eos_id, max_length)
+            if decode is None:
+                raise UserError(
+                    "this model has no captioning decoder: train it with a [[loss.aux]] "
+                    'term name = "captioning"'
+                )
+            self._caption = padded_encoder(decode, self.params, self.spec.eval.batch_size)
+        return self.tokenizer.decode(self._caption(self.preprocess(images)))
+
 
 def load(ref: str | Path, step: int | None = None, image_size: int | None = None) -> LoadedClip:
     """Load a run folder's latest (or given) checkpoint, or published weights (``hf:PATH``).
@@ -102,7 +120,8 @@ def load(ref: str | Path, step: int | None = None, image_size: int | None = None
         comps = components(trained)
     else:
         params, comps = _resized(params, trained, image_size)
-    tokenizer = comps.tokenizer(saved=RunFolder(run_dir).tokenizer)
+    with storage.local_copy(RunFolder(run_dir).tokenizer) as saved:
+        tokenizer = comps.tokenizer(saved=saved)
     return LoadedClip(comps, params, tokenizer, step)
 
 

@@ -119,7 +119,7 @@ class Estimator:
             shardings,
             comps.layout,
             seed=spec.run.seed,
-            objective=comps.head.objective(model, comps.loss.fn),
+            objective=comps.objective(model),
             microbatches=spec.train.microbatches,
         )
         return spec, comps, abstract, step

@@ -7,6 +7,9 @@ and validating specs that do not use it keep working. Environment variables:
 - ``CLIP_JAX_PLUGINS``: comma-separated allow-list of entry-point names to load
   (set but empty: load no third-party plugin);
 - ``CLIP_JAX_DISABLE_PLUGINS``: comma-separated entry-point names to skip.
+
+A plugin that declares a ``CLIP_JAX_HOOKSPEC`` this clip-jax does not satisfy
+(``clip_jax.hookspecs``) is not registered: it is listed with the version it needs.
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 HOOKS: dict[str, str] = {
     "architecture": "register_architectures",
     "loss": "register_losses",
+    "aux_loss": "register_aux_losses",
     "sharding": "register_sharding_strategies",
     "head": "register_heads",
     "data_source": "register_data_sources",
     "tokenizer": "register_tokenizers",
     "optimizer": "register_optimizers",
     "template": "register_templates",
+    "logger": "register_loggers",
 }
 
 
@@ -53,8 +58,9 @@ class Component:
     description: str
     plugin: str
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Architectures only: external weight format name -> "module:attr" of the object
-    # that converts that format's checkpoints to and from this architecture's parameters.
+    # Architectures: external weight format name -> "module:attr" of the object that
+    # converts that format's checkpoints to and from this architecture's parameters.
+    # Data sources: record format name -> "module:attr" of its ``RecordFormat``.
     formats: dict[str, str] = field(default_factory=dict)
 
     def weight_format(self, name: str) -> Any:
@@ -193,16 +199,15 @@ def get_registry() -> Registry:
             info.distribution, info.version = ep.dist.name, ep.dist.version
         infos[ep.name] = info
         try:
-            pm.register(ep.load(), name=ep.name)
+            plugin = ep.load()
         except Exception as exc:  # a broken plugin is reported, never fatal
             info.errors.append(f"failed to load: {_short_error(exc)}")
+            continue
+        _register_checked(pm, plugin, info)
 
     for name, plugin in _extra_plugins.items():
         infos[name] = PluginInfo(name)
-        try:
-            pm.register(plugin, name=name)
-        except Exception as exc:
-            infos[name].errors.append(f"failed to register: {_short_error(exc)}")
+        _register_checked(pm, plugin, infos[name])
 
     components: dict[str, dict[str, Component]] = {kind: {} for kind in HOOKS}
     templates: dict[str, Template] = {}
@@ -215,6 +220,55 @@ def get_registry() -> Registry:
             except Exception as exc:
                 info.errors.append(f"{hook_name} failed: {_short_error(exc)}")
     return Registry(components, templates, list(infos.values()))
+
+
+def _register_checked(pm: pluggy.PluginManager, plugin: object, info: PluginInfo) -> None:
+    """Register ``plugin`` unless it needs another hookspec version; errors go to ``info``."""
+    wrong_version = hookspec_problem(getattr(plugin, "CLIP_JAX_HOOKSPEC", None))
+    if wrong_version is not None:
+        info.errors.append(wrong_version)
+        return
+    try:
+        pm.register(plugin, name=info.name)
+    except Exception as exc:
+        info.errors.append(f"failed to register: {_short_error(exc)}")
+
+
+_COMPARISONS: dict[str, Callable[[int, int], bool]] = {
+    ">=": lambda a, b: a >= b,
+    "<=": lambda a, b: a <= b,
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+    ">": lambda a, b: a > b,
+    "<": lambda a, b: a < b,
+}
+
+
+def hookspec_problem(required: Any, version: int = hookspecs.HOOKSPEC_VERSION) -> str | None:
+    """Why a plugin declaring ``CLIP_JAX_HOOKSPEC = required`` cannot load here, or None.
+
+    ``required`` is None (not declared: loaded), a whole number (``2``: ``>=2``) or
+    comma-separated comparisons such as ``">=2,<4"``.
+    """
+    if required is None:
+        return None
+    text = str(required).strip()
+    clauses = [c.strip() for c in text.split(",")]
+    for clause in clauses:
+        operator = next((op for op in _COMPARISONS if clause.startswith(op)), "")
+        number = clause[len(operator) :].strip()
+        if isinstance(required, bool) or not number.isdigit():
+            return (
+                f"CLIP_JAX_HOOKSPEC = {required!r} is not a hookspec version requirement "
+                "(e.g. '>=2' or '>=2,<4')"
+            )
+        if not _COMPARISONS[operator or ">="](version, int(number)):
+            return (
+                f"needs clip-jax hookspec {text if operator else '>=' + number}, "
+                f"this clip-jax has hookspec {version}: not loaded (upgrade clip-jax or "
+                "the plugin)"
+            )
+    return None
 
 
 def _has_dist(name: str) -> bool:

@@ -8,8 +8,15 @@
     checkpoints/         orbax CheckpointManager directory
     tokenizer.json       the run's tokenizer
     run.log              human log
+    hosts.json           multi-host runs only: the hosts, the launcher's pid (clipctl.hosts)
 
-Reading a run folder never imports jax.
+Reading a run folder never imports jax, nor TensorFlow when the folder is local.
+
+``run.output_dir`` may be a URL (``gs://bucket/runs/x``): the files go through
+``clip_jax.storage``. There, appends (metrics.jsonl, run.log) and "running" statuses are
+written at most every ``flush_s`` seconds and whenever the state changes or the process
+exits; the state changes (finished, failed...) are written at once, after the records
+before them. Liveness of a URL run cannot be checked from here: its status is as written.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from clip_jax import storage
 from clip_jax.errors import UserError
+from clip_jax.storage import StoragePath
 
 SPEC = "spec.resolved.toml"
 METRICS = "metrics.jsonl"
@@ -31,29 +40,38 @@ STATUS = "status.json"
 CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer.json"
 LOG = "run.log"
+HOSTS = "hosts.json"  # a multi-host launch's plan and launcher (clipctl.hosts)
 
 
 class RunFolder:
     """``writable=False`` (every process but the first of a multi-process run) reads only."""
 
-    def __init__(self, path: str | Path, writable: bool = True):
-        self.path = Path(path)
+    def __init__(
+        self, path: str | os.PathLike, writable: bool = True, flush_s: float = storage.FLUSH_S
+    ):
+        self.path = storage.path(path)
         self.writable = writable
+        self.remote = isinstance(self.path, storage.UrlPath)
+        self.flush_s = flush_s
+        self._metrics = storage.Appender(self.path / METRICS, flush_s)
+        self._log = storage.Appender(self.path / LOG, flush_s)
+        self._pending_status: str | None = None  # a "running" status not yet written
+        self._status_written = float("-inf")
 
     @property
-    def spec_path(self) -> Path:
+    def spec_path(self) -> StoragePath:
         return self.path / SPEC
 
     @property
-    def checkpoints(self) -> Path:
+    def checkpoints(self) -> StoragePath:
         return self.path / CHECKPOINTS
 
     @property
-    def tokenizer(self) -> Path:
+    def tokenizer(self) -> StoragePath:
         return self.path / TOKENIZER
 
     @property
-    def log_path(self) -> Path:
+    def log_path(self) -> StoragePath:
         return self.path / LOG
 
     def exists(self) -> bool:
@@ -66,10 +84,11 @@ class RunFolder:
         if not self.writable:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.spec_path, text)
+        storage.write_atomic(self.spec_path, text)
 
     # ------------------------------------------------------------------ metrics
     def metrics(self) -> Iterator[dict[str, Any]]:
+        self._metrics.flush()  # this process reads what it appended
         try:
             # A damaged file stays readable: undecodable bytes spoil only their line.
             lines = (self.path / METRICS).read_text(errors="replace").splitlines()
@@ -84,15 +103,15 @@ class RunFolder:
     def append_metrics(self, record: dict[str, Any]) -> None:
         if not self.writable:
             return
-        with open(self.path / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._metrics.append(json.dumps(record) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
         """On resume: drop what an interrupted run logged after its last checkpoint."""
         if not self.writable:
             return
         kept = [r for r in self.metrics() if r.get("step", 0) <= step]
-        _atomic_write(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+        storage.write_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+        self._metrics.reset()
 
     def last_eval(self) -> dict[str, Any] | None:
         evals = [r for r in self.metrics() if r.get("split") == "validation"]
@@ -115,32 +134,61 @@ class RunFolder:
             status = None
         if not isinstance(status, dict):  # missing, or not what the trainer writes
             return {"state": "new" if not self.exists() else "unknown"}
-        if status.get("state") in ("running", "starting") and not owns_run(
-            status.get("pid"), status.get("updated")
+        if (
+            status.get("state") in ("running", "starting")
+            and not self.remote  # a URL run's process may be on another machine
+            and not owns_run(status.get("pid"), status.get("updated"))
+            and not self._hosts_at_work()
         ):
             status["state"] = "failed"  # the process died without saying so
         return status
+
+    def _hosts_at_work(self) -> bool:
+        """Whether a multi-host launch (``clipctl run --hosts``, its ``hosts.json``) is
+        still going: the trainers' pids are then on other machines and say nothing here.
+        Its launcher (local) is alive, or Slurm runs the job (no local process)."""
+        try:
+            record = json.loads((self.path / HOSTS).read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(record, dict) or record.get("ended"):
+            return False
+        if record.get("job_id"):
+            return True
+        return _pid_exists(record.get("launcher_pid"))
 
     def write_status(self, state: str, pid: int | None = None, **fields: Any) -> None:
         """Record the run's state; ``pid`` is the process that owns the run (default: this one)."""
         if not self.writable:
             return
         record = {"state": state, "pid": pid or os.getpid(), "updated": time.time(), **fields}
-        _atomic_write(self.path / STATUS, json.dumps(record) + "\n")
+        text = json.dumps(record) + "\n"
+        if self.remote and state == "running":
+            self._pending_status = text
+            if time.monotonic() - self._status_written >= self.flush_s:
+                self.flush()
+            return
+        self._pending_status = None  # superseded
+        self.flush()  # the records before a state change are there when it is read
+        storage.write_atomic(self.path / STATUS, text)
 
     def log(self, line: str) -> None:
         if not self.writable:
             return
-        with open(self.log_path, "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        self._log.append(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    def flush(self) -> None:
+        """Write what waits to be written (on a URL; a local folder has nothing waiting)."""
+        self._metrics.flush()
+        self._log.flush()
+        if self._pending_status is not None:
+            storage.write_atomic(self.path / STATUS, self._pending_status)
+            self._pending_status = None
+            self._status_written = time.monotonic()
 
 
-def owns_run(pid: int | None, updated: Any) -> bool:
-    """Whether ``pid`` is alive and is the process that wrote the status at ``updated``.
-
-    A pid can be reused by an unrelated process after the run died; one that started
-    after the status was written is not the run's (Linux /proc; elsewhere kill(pid, 0)).
-    """
+def _pid_exists(pid: Any) -> bool:
+    """Whether a process ``pid`` exists on this machine (one we may not signal counts)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -149,6 +197,17 @@ def owns_run(pid: int | None, updated: Any) -> bool:
         return False
     except PermissionError:
         pass
+    return True
+
+
+def owns_run(pid: int | None, updated: Any) -> bool:
+    """Whether ``pid`` is alive and is the process that wrote the status at ``updated``.
+
+    A pid can be reused by an unrelated process after the run died; one that started
+    after the status was written is not the run's (Linux /proc; elsewhere kill(pid, 0)).
+    """
+    if not _pid_exists(pid):
+        return False
     started, zombie = _process_start(pid)
     if zombie:
         return False
@@ -174,12 +233,6 @@ def _process_start(pid: int) -> tuple[float | None, bool]:
     return boot + ticks / os.sysconf("SC_CLK_TCK"), fields[0] == "Z"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # writers never share a temp file
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class RunFolderConflict(UserError):
     """The output folder holds a run made from another spec."""
 
@@ -195,6 +248,11 @@ def check_run_folder(folder: RunFolder, spec: Any, force: bool) -> None:
     with contextlib.suppress(spec_lib.SpecError):
         stored = spec_lib.to_dict(spec_lib.validate(stored, pretrained=False))
     changed = spec_lib.diff(stored, spec_lib.to_dict(spec))
+    # Where the processes run is not what the run is: every process of a multi-host run
+    # has its own process_id, and a run may resume on another topology.
+    changed = [key for key in changed if not key.startswith("distributed.")]
+    # Nor is what watches it: a tracker can be added to a run when it resumes.
+    changed = [key for key in changed if key.split(".")[0] != "logging"]
     if changed:
         raise RunFolderConflict(
             f"{folder.path} holds a run made from another spec (differs in: "

@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from functools import cache
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
+from clip_jax.plugins import Registry, UnknownComponentError
 from clip_jax.schemas import Options
 
 
@@ -168,3 +171,58 @@ class DistributedOptions(Options):
                     f"({self.num_processes})"
                 )
         return self
+
+
+class LoggingOptions(Options):
+    """``[logging]``: the experiment loggers, by registered name (``clipctl plugins``);
+    each logger's options are its own table, ``[logging.tensorboard]``.
+
+    ``jsonl`` (metrics.jsonl and status.json in the run folder) is always on, listed or
+    not: ``clipctl runs``, the TUI and resuming read those files.
+    """
+
+    loggers: list[str] = Field(
+        ["jsonl"], description='experiment loggers, e.g. ["jsonl", "tensorboard", "wandb"]'
+    )
+
+
+def logging_section(
+    raw: Mapping[str, Any], registry: Registry
+) -> tuple[dict[str, Any], type[LoggingOptions], list[tuple[str, str]]]:
+    """(the raw spec with a table for each listed logger, the ``logging`` schema, the
+    problems of ``logging.loggers``). A listed logger's table is filled in with its
+    defaults, so that the resolved spec shows them; the tables of registered loggers
+    that are not listed are still checked, so that switching one on is one edit."""
+    table = raw.get("logging", {})
+    if not isinstance(table, Mapping):
+        return dict(raw), _logging_model(()), []  # pydantic reports "must be a table"
+    problems: list[tuple[str, str]] = []
+    names = table.get("loggers", ["jsonl"])
+    if isinstance(names, list):
+        table = dict(table)
+        for index, name in enumerate(names):
+            if not isinstance(name, str):
+                continue  # pydantic reports "must be a string"
+            if name in names[:index]:
+                problems.append(("logging.loggers", f"{name!r} is listed twice"))
+                continue
+            try:
+                component = registry.get("logger", name)
+            except UnknownComponentError as exc:
+                problems.append(("logging.loggers", str(exc)))
+                continue
+            if component.options is not None:
+                table.setdefault(name, {})
+        raw = {**raw, "logging": table}
+    tables = tuple(
+        (name, component.options)
+        for name, component in sorted(registry.components.get("logger", {}).items())
+        if component.options is not None
+    )
+    return dict(raw), _logging_model(tables), problems
+
+
+@cache  # one class per set of loggers: equal specs compare equal
+def _logging_model(tables: tuple[tuple[str, type], ...]) -> type[LoggingOptions]:
+    fields: dict[str, Any] = {name: (options | None, None) for name, options in tables}
+    return create_model("LoggingSpec", __base__=LoggingOptions, **fields)

@@ -345,3 +345,12 @@ class LitOptions(Options):
     runs in inference mode and passes no gradient; the other tower learns to match it."""
 
     lock: Literal["vision", "text"] = Field("vision", description="the tower that stays locked")
+
+
+# -------------------------------------------------------------------------- loggers
+class TensorBoardOptions(Options):
+    """``[logging.tensorboard]``: event files under ``<run.output_dir>/tensorboard/``."""
+
+    flush_seconds: float = Field(
+        10.0, gt=0, description="how often buffered events are written to the event file"
+    )

@@ -28,14 +28,17 @@ from pydantic import (
     create_model,
 )
 
+from clip_jax.aux_terms import aux_entries_type
 from clip_jax.errors import UserError
 from clip_jax.plugins import Registry, UnknownComponentError, get_registry
 from clip_jax.run_options import (  # noqa: F401  (re-exported: clip_jax.spec.TrainOptions)
     DistributedOptions,
     EvalOptions,
+    LoggingOptions,
     RunOptions,
     SpikeOptions,
     TrainOptions,
+    logging_section,
 )
 from clip_jax.schemas import Options, PreprocessOptions
 
@@ -57,6 +60,8 @@ COMPONENT_SECTIONS: dict[str, tuple[str, str, str]] = {
     "tokenizer": ("name", "tokenizer", "bpe"),
     "sharding": ("strategy", "sharding", "dp"),
 }
+
+DEFAULT_LOGGING = LoggingOptions().model_dump(mode="json")
 
 SECTION_ORDER = [
     "run",
@@ -220,7 +225,11 @@ def validate(
                 continue
             raw[section] = deep_merge(component.presets[preset], table)
         fields[section] = _section_model(section, selector, name, component.options or Options)
+    if fields["loss"] != dict[str, Any]:  # [[loss.aux]]: terms added to the loss
+        fields["loss"] = _with_aux(fields["loss"], aux_entries_type(registry))
     fields.update(FIXED_SECTIONS)
+    raw, fields["logging"], found = logging_section(raw, registry)
+    problems += found
 
     spec_model = _spec_model(tuple(fields.items()))
     try:
@@ -270,6 +279,13 @@ def _section_model(section: str, selector: str, name: str, options: type) -> typ
 
 
 @cache
+def _with_aux(loss_model: type[BaseModel], entries: Any) -> type[BaseModel]:
+    return create_model(
+        loss_model.__name__, __base__=loss_model, aux=(entries, Field(default_factory=list))
+    )
+
+
+@cache
 def _spec_model(sections: tuple[tuple[str, type], ...]) -> type[RunSpec]:
     fields = {
         name: (kind, Field(default_factory=dict, validate_default=kind is not dict[str, Any]))
@@ -314,6 +330,8 @@ def _key_path(loc: tuple, raw: Any) -> tuple:
         if _holds(node, part):
             path.append(part)
             node = node[part]
+        elif isinstance(node, Mapping) and node.get("name") == part:
+            continue  # the tag of a union chosen by name ([[loss.aux]] terms)
         elif not (isinstance(part, str) and "[" in part):
             path.append(part)
             node = None
@@ -349,7 +367,13 @@ def _describe(
 def to_dict(spec: RunSpec) -> dict[str, Any]:
     """The resolved spec as plain data, tables in a stable order, None values left out."""
     data = spec.model_dump(mode="json", exclude_none=True)
-    return {key: data[key] for key in SECTION_ORDER if key in data}
+    if not data.get("loss", {}).get("aux", True):
+        del data["loss"]["aux"]  # no terms: the same text as before [[loss.aux]] existed
+    ordered = {key: data[key] for key in SECTION_ORDER if key in data}
+    # [logging] only when set: a spec without it resolves to the same text as before it
+    if data.get("logging", DEFAULT_LOGGING) != DEFAULT_LOGGING:
+        ordered["logging"] = data["logging"]
+    return ordered
 
 
 def to_toml(spec: RunSpec) -> str:

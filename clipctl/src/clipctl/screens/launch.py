@@ -9,6 +9,8 @@ as its own process (see ``clipctl.runs.launch``) and the app moves to the runs s
 from __future__ import annotations
 
 import contextlib
+import os
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,13 @@ def memory_summary(report: dict[str, Any]) -> tuple[str, bool | None]:
     return "\n".join(lines), fits
 
 
+def headless_command(spec_path: Path, cwd: Path) -> str:
+    """The shell line that starts this run without the TUI (what ctrl+l runs), the spec
+    path relative to the working directory when it lies below it."""
+    shown = Path(os.path.relpath(spec_path, cwd)) if spec_path.is_relative_to(cwd) else spec_path
+    return shlex.join(["clipctl", "run", str(shown)])
+
+
 def _resolved_view(edited: dict[str, Any]) -> Syntax | str:
     """The resolved spec, or its problems when the file changed since it was checked."""
     from clip_jax.errors import UserError, format_problems
@@ -105,9 +114,11 @@ class LaunchScreen(Screen):
         output_dir = self.resolved.get("run", {}).get("output_dir", "?")
         yield Header()
         with VerticalScroll(id="launch-pane"):
+            command = headless_command(self.path.absolute(), self.app.cwd.absolute())
             yield Static(
-                f"spec:       {self.path}\nrun folder: {output_dir}\n\n"
-                "[b]changed from the template[/b]\n" + "\n".join(diff),
+                f"spec:       {escape(str(self.path))}\nrun folder: {escape(str(output_dir))}\n"
+                f"headless:   {escape(command)}\n\n"
+                "[b]changed from the template[/b]\n" + "\n".join(map(escape, diff)),
                 id="launch-summary",
             )
             yield Static(

@@ -89,7 +89,8 @@ class RunsScreen(Screen):
         else:
             for s in found:
                 for column, value in zip(table.columns, self._cells(s), strict=True):
-                    table.update_cell(s.name, column, value)
+                    # update_width: a column sized for "0/250" must grow to "250/250"
+                    table.update_cell(s.name, column, value, update_width=True)
         if self.selected in self.summaries:
             row = names.index(self.selected)
             if table.cursor_row != row:

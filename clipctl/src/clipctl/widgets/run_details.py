@@ -42,6 +42,9 @@ class RunDetails(Static):
             f"img/s  {s.images_per_s:,.0f}" if s.images_per_s else "img/s  -",
             f"ETA    {format_eta(s.eta_s)}",
         ]
+        hosts = getattr(s, "hosts", None)
+        if hosts:  # a multi-host launch: worker 0 (the coordinator) first
+            lines.append(f"hosts  {len(hosts)}: {escape(', '.join(hosts))}")
         evaluation = s.evaluation or {}
         for key in ("zero_shot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1"):
             if key in evaluation:

@@ -1,4 +1,6 @@
-"""tf.data over tfrecord shards (img2dataset / DataComp layout) -> numpy batches.
+"""tf.data over record shards (img2dataset / DataComp layout) -> numpy batches.
+
+Shards are TFRecord files unless a ``record_format`` says otherwise (``data.formats``).
 
 Evaluation reads its files in order, unshuffled. Training streams are built by
 ``data.stream`` (one per logical reader, resumable in constant time); ``make_dataset``
@@ -9,11 +11,13 @@ and counted from the gaps in those positions.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from clip_jax.data.formats import TFRECORD, RecordFormat, ShardError, TfrecordFormat
 from clip_jax.data.tf_setup import import_tf
 from clip_jax.errors import PathError
 from clip_jax.schemas import CLIP_MEAN, CLIP_STD, PreprocessOptions
@@ -105,6 +109,7 @@ def make_dataset(
     start_position: int = 0,
     preprocess: PreprocessOptions | None = None,
     threads: int = 2,
+    record_format: RecordFormat | None = None,
 ):
     """A tf.data pipeline yielding (position, image, caption[, label]) batches.
 
@@ -114,6 +119,7 @@ def make_dataset(
     windows of ``shuffle_buffer`` records, repeated; ``start_position`` is found by reading
     record headers (``Readers`` resumes from a full state instead, in constant time).
     """
+    record_format = record_format or TFRECORD  # None: TFRecord shards
     if train:
         return _train_stream(
             files,
@@ -127,10 +133,11 @@ def make_dataset(
             start_position=start_position,
             preprocess=preprocess,
             threads=threads,
+            record_format=record_format,
         ).dataset
     tf = import_tf()
     preprocess = preprocess or PreprocessOptions()
-    ds = tf.data.TFRecordDataset(list(files)).enumerate().skip(start_position)
+    ds = record_dataset(files, record_format).enumerate().skip(start_position)
     features = {image_key: tf.io.FixedLenFeature([], tf.string)}
     if caption_key:  # classification sets (e.g. ImageNet's) have no captions
         features[caption_key] = tf.io.FixedLenFeature([], tf.string)
@@ -157,14 +164,42 @@ def make_dataset(
     return ds.with_options(options).prefetch(2)
 
 
-def _train_stream(files: Sequence[str], *, window: int, start_position: int, **kwargs):
+def record_dataset(files: Sequence[str], record_format: RecordFormat = TFRECORD):
+    """The shards' serialized examples in order, as tf.data strings. A shard that stops
+    being readable is named and skipped; TFRecord shards go through TensorFlow's reader."""
+    tf = import_tf()
+    if isinstance(record_format, TfrecordFormat):
+        return tf.data.TFRecordDataset(list(files))
+
+    def records() -> Iterator[bytes]:
+        for path in files:
+            try:
+                for record, _ in record_format.records(path):
+                    yield record
+            except ShardError as exc:
+                logging.getLogger("clip_jax.data").warning("%s; skipping the rest of it", exc)
+
+    return tf.data.Dataset.from_generator(records, output_signature=tf.TensorSpec((), tf.string))
+
+
+def _train_stream(
+    files: Sequence[str],
+    *,
+    window: int,
+    start_position: int,
+    record_format: RecordFormat,
+    **kwargs,
+):
     from clip_jax.data.stream import RawStream, ReaderStream, fresh_state, seek
 
     state = fresh_state(window, len(files))
     if start_position:
         state[0] = start_position
-        state[1:5] = seek(RawStream(files, kwargs["seed"], 0), window, start_position)
-    return ReaderStream(files, reader=0, window=window, state=state, **kwargs)
+        raw = RawStream(files, kwargs["seed"], 0, record_format)
+        state[1:5] = seek(raw, window, start_position)
+    return ReaderStream(
+        files, reader=0, window=window, state=state, record_format=record_format, **kwargs
+    )
 
 
 def iterate(dataset, start_position: int = 0) -> Iterator[Batch]:
@@ -183,11 +218,13 @@ def iterate(dataset, start_position: int = 0) -> Iterator[Batch]:
         )
 
 
-def read_captions(files: Sequence[str], caption_key: str, limit: int) -> Iterator[str]:
+def read_captions(
+    files: Sequence[str], caption_key: str, limit: int, record_format: RecordFormat = TFRECORD
+) -> Iterator[str]:
     """Up to ``limit`` captions, parsing only the caption feature (to train a tokenizer)."""
     tf = import_tf()
     features = {caption_key: tf.io.FixedLenFeature([], tf.string)}
-    ds = tf.data.TFRecordDataset(list(files)).take(limit)
+    ds = record_dataset(files, record_format).take(limit)
     ds = ds.map(lambda r: tf.io.parse_single_example(r, features)[caption_key]).ignore_errors()
     for caption in ds.batch(1024).as_numpy_iterator():
         yield from (c.decode("utf-8", "replace") for c in caption)

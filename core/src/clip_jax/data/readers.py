@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from clip_jax.data.formats import TFRECORD, RecordFormat
 from clip_jax.data.stream import (
     FIELDS,
     REASONS,
@@ -85,6 +86,7 @@ class Readers:
         process_count: int = 1,
         preprocess: PreprocessOptions | None = None,
         labels: bool = False,
+        record_format: RecordFormat = TFRECORD,
     ):
         count = keys.readers
         check_layout(len(files), count, global_batch, process_count)
@@ -93,7 +95,7 @@ class Readers:
         self.labels = labels
         self.window = max(keys.shuffle_buffer // count, 1)
         shards = [list(files)[reader::count] for reader in range(count)]
-        states = _states(resume, shards, count, self.window, seed)
+        states = _states(resume, shards, count, self.window, seed, record_format)
         self.streams = [
             ReaderStream(
                 shards[reader],
@@ -107,6 +109,7 @@ class Readers:
                 caption_key=keys.caption_key,
                 label_key=keys.label_key if labels else None,
                 preprocess=preprocess,
+                record_format=record_format,
             )
             for reader in self.owned
         ]
@@ -165,7 +168,12 @@ def check_layout(shards: int, count: int, global_batch: int, process_count: int)
 
 
 def _states(
-    resume: dict[str, Any] | None, shards: list[list[str]], count: int, window: int, seed: int
+    resume: dict[str, Any] | None,
+    shards: list[list[str]],
+    count: int,
+    window: int,
+    seed: int,
+    record_format: RecordFormat,
 ) -> list[np.ndarray]:
     """Each reader's starting state: fresh, from a checkpoint, or from an older
     checkpoint's bare positions (found again by reading record headers)."""
@@ -183,7 +191,7 @@ def _states(
             "again by reading record headers; the record order differs from the run before"
         )
         return [
-            _from_position(files, reader, window, seed, int(position))
+            _from_position(files, reader, window, seed, int(position), record_format)
             for reader, (files, position) in enumerate(zip(shards, positions, strict=True))
         ]
     raise UserError(
@@ -228,9 +236,14 @@ def _checked(
 
 
 def _from_position(
-    files: list[str], reader: int, window: int, seed: int, position: int
+    files: list[str],
+    reader: int,
+    window: int,
+    seed: int,
+    position: int,
+    record_format: RecordFormat,
 ) -> np.ndarray:
     state = fresh_state(window, len(files))
     state[0] = position
-    state[1:5] = seek(RawStream(files, seed, reader), window, position)
+    state[1:5] = seek(RawStream(files, seed, reader, record_format), window, position)
     return state

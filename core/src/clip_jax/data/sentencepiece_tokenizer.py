@@ -150,6 +150,15 @@ class SentencePieceTokenizer:
             out[row, : len(ids)] = ids
         return out
 
+    def decode(self, tokens_BxL: np.ndarray) -> list[str]:
+        """Texts from token ids, up to the end-of-sequence id."""
+        texts = []
+        for row in np.asarray(tokens_BxL).tolist():
+            if self.eos_id in row:
+                row = row[: row.index(self.eos_id)]
+            texts.append(self.sp.decode([t for t in row if t != self.pad_id]))
+        return texts
+
     def save(self, path: str | Path) -> None:
         document = {
             "format": FORMAT,

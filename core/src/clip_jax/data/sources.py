@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clip_jax.data.formats import TFRECORD, RecordFormat
 from clip_jax.data.pipeline import expand_files
 from clip_jax.schemas import RecordKeys, SyntheticDataOptions, TfrecordDataOptions
 
@@ -17,9 +18,13 @@ class DataSource:
     keys: RecordKeys
     classes: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    # How the shards are read: the streams, evaluation and the tokenizer all ask it.
+    record_format: RecordFormat = TFRECORD
 
 
-def _classes(path: str | None) -> tuple[list[str], list[str]]:
+def read_classes(path: str | None) -> tuple[list[str], list[str]]:
+    """Class names and prompt templates from a classes file (local or gs://), for
+    zero-shot evaluation; none without a file."""
     if not path:
         return [], ["a photo of a {}."]
     from clip_jax.data.tf_setup import import_tf
@@ -31,7 +36,7 @@ def _classes(path: str | None) -> tuple[list[str], list[str]]:
 def tfrecord_source(options: TfrecordDataOptions) -> DataSource:
     """Factory registered as data source ``tfrecord``."""
     validation = expand_files(options.validation, "data.validation") if options.validation else []
-    classes, templates = _classes(options.classes_file)
+    classes, templates = read_classes(options.classes_file)
     train = expand_files(options.train, "data.train")
     return DataSource(train, validation, options, classes, templates)
 
@@ -48,7 +53,7 @@ def synthetic_source(options: SyntheticDataOptions) -> DataSource:
         image_size=options.image_size,
         seed=options.seed,
     )
-    classes, templates = _classes(str(root / "classes.json"))
+    classes, templates = read_classes(str(root / "classes.json"))
     return DataSource(
         expand_files(str(root / "train" / "*.tfrecord"), "data.dir"),
         expand_files(str(root / "validation" / "*.tfrecord"), "data.dir"),

@@ -13,8 +13,9 @@ the skip counts so far. A resume opens that shard, seeks to the byte, reads one 
 (the records before the position in it are dropped) and goes on: the same records in
 the same order as the uninterrupted run, whatever the position.
 
-Records are read in Python (``tfrecord.records``, byte offsets) and handed to tf.data,
-which parses, decodes and resizes them in a parallel, order-keeping map.
+Records are read in Python by the shards' record format (``data.formats``: TFRecord,
+or a plugin's, e.g. webdataset tar; each record with its byte offset) and handed to
+tf.data, which parses, decodes and resizes them in a parallel, order-keeping map.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from itertools import islice
 
 import numpy as np
 
-from clip_jax.data import tfrecord
+from clip_jax.data.formats import TFRECORD, RecordFormat, ShardError
 from clip_jax.data.tf_setup import import_tf
 from clip_jax.errors import UserError
 from clip_jax.schemas import PreprocessOptions
@@ -85,9 +86,12 @@ def permutation(n: int, *key: int) -> np.ndarray:
 class RawStream:
     """A reader's shards, one after another and forever, in a new order every epoch."""
 
-    def __init__(self, files: Sequence[str], seed: int, reader: int):
+    def __init__(
+        self, files: Sequence[str], seed: int, reader: int, record_format: RecordFormat = TFRECORD
+    ):
         self.files = list(files)
         self.seed, self.reader = seed, reader
+        self.format = record_format
         self.records_read = 0  # records whose payload was read: the cost of a resume
         self.warned: set[str] = set()
         self._order: tuple[int, np.ndarray] | None = None
@@ -110,11 +114,11 @@ class RawStream:
             path = self.path(epoch, index)
             found = False
             try:
-                for record, after in tfrecord.records(path, offset, data):
+                for record, after in self.format.records(path, offset, data):
                     found = True
                     self.records_read += data
                     yield record, (epoch, index, after, unreadable)
-            except tfrecord.ShardError as exc:
+            except ShardError as exc:
                 unreadable += 1
                 self._warn(path, exc)
             barren = 0 if found else barren + 1
@@ -133,8 +137,8 @@ class RawStream:
     def _no_records(self) -> UserError:
         return UserError(
             f"the {len(self.files)} shards of reader {self.reader} hold no readable record "
-            "(each is empty, unreadable or not a TFRecord file; the warnings name them): "
-            "fix or remove them, or lower data.readers",
+            f"(each is empty, unreadable or not a {self.format.name} file; the warnings name "
+            "them): fix or remove them, or lower data.readers",
             key="data.train",
         )
 
@@ -260,8 +264,9 @@ class ReaderStream:
         label_key: str | None = None,
         preprocess: PreprocessOptions | None = None,
         threads: int = 2,
+        record_format: RecordFormat = TFRECORD,
     ):
-        self.raw = RawStream(files, seed, reader)
+        self.raw = RawStream(files, seed, reader, record_format)
         self.window = window
         self.start = np.asarray(state, np.int64).copy()
         self.failure: BaseException | None = None

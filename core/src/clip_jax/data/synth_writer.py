@@ -1,6 +1,7 @@
 """``clipctl data synth``: the embedded dataset written as img2dataset-style shards.
 
-Layout: ``train/00000.tfrecord...``, ``validation/00000.tfrecord...``, ``classes.json``
+Layout: ``train/00000.tfrecord...``, ``validation/00000.tfrecord...`` (or another record
+format's shards, e.g. webdataset's ``00000.tar``), ``classes.json``
 (class names and prompt templates for zero-shot evaluation) and ``dataset.json`` (the
 settings that produced it, so a later run can tell whether it can reuse the folder).
 """
@@ -14,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from clip_jax.data import synthetic
-from clip_jax.data.shards import serialize, write_shard
+from clip_jax.data.formats import TFRECORD, RecordFormat
 from clip_jax.errors import PathError
 
 EXAMPLES_PER_SHARD = 2048
@@ -36,8 +37,14 @@ def _render(args: tuple[int, int, int, int]) -> list[tuple[str, bytes, str, int]
     ]
 
 
-def settings(train_examples: int, validation_examples: int, image_size: int, seed: int) -> dict:
-    return {
+def settings(
+    train_examples: int,
+    validation_examples: int,
+    image_size: int,
+    seed: int,
+    record_format: RecordFormat = TFRECORD,
+) -> dict:
+    wanted = {
         "generator": "clip_jax.synthetic/1",
         "train_examples": train_examples,
         "validation_examples": validation_examples,
@@ -45,6 +52,11 @@ def settings(train_examples: int, validation_examples: int, image_size: int, see
         "seed": seed,
         "classes": synthetic.CLASSES,
     }
+    # Only other formats are named, so that folders written before formats existed
+    # (all TFRecord) are still recognised and reused.
+    if record_format.name != TFRECORD.name:
+        wanted["format"] = record_format.name
+    return wanted
 
 
 def is_complete(out_dir: str | Path, wanted: dict) -> bool:
@@ -62,10 +74,12 @@ def write_synthetic(
     image_size: int = 32,
     seed: int = 0,
     workers: int | None = None,
+    record_format: RecordFormat = TFRECORD,
 ) -> dict:
-    """Write (or reuse) the dataset in ``out_dir``; returns its settings."""
+    """Write (or reuse) the dataset in ``out_dir``, shards in ``record_format``; returns
+    its settings."""
     out = Path(out_dir)
-    wanted = settings(train_examples, validation_examples, image_size, seed)
+    wanted = settings(train_examples, validation_examples, image_size, seed, record_format)
     if is_complete(out, wanted):
         return wanted
     if out.exists() and any(out.iterdir()) and not (out / "dataset.json").exists():
@@ -83,13 +97,19 @@ def write_synthetic(
     ):
         folder = out / split
         folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("*.tfrecord"):
-            old.unlink()
+        for old in [*folder.glob("*.tfrecord"), *folder.glob(f"*{record_format.suffix}")]:
+            old.unlink(missing_ok=True)
         per_shard = min(EXAMPLES_PER_SHARD, -(-count // MIN_SHARDS))
         for shard, start in enumerate(range(0, count, per_shard)):
             stop = min(start + per_shard, count)
             jobs.append(
-                (str(folder / f"{shard:05d}.tfrecord"), split_seed, start, stop, image_size)
+                (
+                    str(folder / f"{shard:05d}{record_format.suffix}"),
+                    split_seed,
+                    start,
+                    stop,
+                    image_size,
+                )
             )
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     renders = [job[1:] for job in jobs]
@@ -99,10 +119,10 @@ def write_synthetic(
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             examples = pool.map(_render, renders)
             for (path, *_), shard in zip(jobs, examples, strict=True):
-                write_shard(path, (serialize(*example) for example in shard))
+                record_format.write_shard(path, shard)
     else:
         for (path, *_), render in zip(jobs, renders, strict=True):
-            write_shard(path, (serialize(*example) for example in _render(render)))
+            record_format.write_shard(path, _render(render))
     classes = {"classes": synthetic.CLASSES, "templates": synthetic.PROMPT_TEMPLATES}
     (out / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
     (out / "dataset.json").write_text(json.dumps(wanted, indent=2) + "\n")

@@ -17,6 +17,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
+from clip_jax.data.formats import ShardError, open_shard
+
+__all__ = ["ShardError", "crc32c", "masked_crc", "records"]
+
 _MASK_DELTA = 0xA282EAD8
 _HEADER = struct.Struct("<QI")
 
@@ -47,18 +51,6 @@ def masked_crc(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-class ShardError(Exception):
-    """A shard that stops being readable: truncated, corrupt, or not a TFRecord file."""
-
-
-def _open(path: str):
-    if "://" in path:
-        from clip_jax.data.tf_setup import import_tf
-
-        return import_tf().io.gfile.GFile(path, "rb")
-    return open(path, "rb", buffering=1 << 20)  # noqa: SIM115 (closed by the caller)
-
-
 def records(path: str, offset: int = 0, data: bool = True) -> Iterator[tuple[bytes, int]]:
     """(record, byte offset after it) from ``offset`` on; ``data=False`` seeks past the
     payloads (b"" instead), to count records cheaply.
@@ -67,7 +59,7 @@ def records(path: str, offset: int = 0, data: bool = True) -> Iterator[tuple[byt
     been yielded.
     """
     try:
-        with _open(path) as file:
+        with open_shard(path) as file:
             size = None
             if not data:  # seeking past payloads: the size tells a truncated last one
                 file.seek(0, 2)

@@ -51,6 +51,17 @@ class TextTokenizer:
         encodings = self.tokenizer.encode_batch(list(texts))
         return np.asarray([e.ids for e in encodings], dtype=np.int32)
 
+    @property
+    def eos_id(self) -> int:
+        """The end-of-text id (what ends a generated caption)."""
+        eos = self.tokenizer.token_to_id(EOS)
+        return eos if eos is not None else self.tokenizer.padding["pad_id"]
+
+    def decode(self, tokens_BxL: np.ndarray) -> list[str]:
+        """Texts from token ids, special tokens (start, end, padding) left out."""
+        rows = [[int(t) for t in row] for row in np.asarray(tokens_BxL)]
+        return [text.strip() for text in self.tokenizer.decode_batch(rows)]
+
     def save(self, path: str | Path) -> None:
         self.tokenizer.save(str(path))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -35,6 +36,10 @@ class Clip(nn.Module):
 
     ``head``: a downstream head (``clip_jax.heads``) whose parameters live under ``head/``;
     ``classify_images`` / ``classify_texts`` run it on a tower's output.
+
+    ``aux``: auxiliary terms (``clip_jax.aux_terms``), name -> module, each with its
+    parameters under ``aux_<name>/``; ``__call__(..., aux=True)`` also returns their
+    per-example values, computed from the image tower's token sequence.
     """
 
     vision: nn.Module
@@ -47,6 +52,7 @@ class Clip(nn.Module):
     init_temperature: float = 1 / 0.07
     init_bias: float | None = None
     head: nn.Module | None = None
+    aux: Any = None  # a FrozenDict (hashable, as module attributes must be), or None
 
     def setup(self) -> None:
         self.vision_proj = self._projection(self.vision_projection, self.vision_projection_bias)
@@ -72,6 +78,21 @@ class Clip(nn.Module):
 
     def encode_texts(self, tokens_BxL: jax.Array, train: bool = False) -> jax.Array:
         return l2_normalize(self.text_proj(self.text(tokens_BxL, train=train)))
+
+    def image_tokens(self, images_BxHxWxC: jax.Array, train: bool = False) -> jax.Array:
+        """The image tower's token sequence (its ``encoder`` submodule's output)."""
+        return self._embeddings_and_tokens(images_BxHxWxC, train)[1]
+
+    def _embeddings_and_tokens(self, images_BxHxWxC, train: bool) -> tuple[jax.Array, jax.Array]:
+        found: list[jax.Array] = []
+        with nn.intercept_methods(_encoder_output(self.vision.path, found)):
+            img_emb_BxD = self.encode_images(images_BxHxWxC, train)
+        if not found:
+            raise UserError(
+                "loss.aux: auxiliary terms read the image tower's tokens, and this "
+                f"{self.vision.name} tower has no encoder blocks"
+            )
+        return img_emb_BxD, found[-1]
 
     def classify_images(self, images_BxHxWxC: jax.Array, train: bool = False) -> jax.Array:
         return self._classify(self.vision, images_BxHxWxC, None, train)
@@ -104,12 +125,16 @@ class Clip(nn.Module):
         tokens_BxL: jax.Array,
         train: bool = False,
         lock: str | None = None,
+        aux: bool = False,
     ):
         """Embeddings of both towers plus the (log) logit scale and the bias (or 0).
 
         ``lock`` ("vision" or "text"): that tower runs in inference mode and its
-        embeddings pass no gradient (LiT).
+        embeddings pass no gradient (LiT). ``aux``: a fifth value, the auxiliary terms'
+        per-example outputs by name.
         """
+        if self.aux and (aux or self.is_initializing()):
+            return self._with_aux(images_BxHxWxC, tokens_BxL, train, aux)
         if self.head is not None and self.is_initializing():  # create the head's parameters
             if self.head.tower == "vision":
                 self.classify_images(images_BxHxWxC)
@@ -123,6 +148,16 @@ class Clip(nn.Module):
         elif lock == "text":
             txt_emb_BxD = jax.lax.stop_gradient(txt_emb_BxD)
         return img_emb_BxD, txt_emb_BxD, self.logit_scale, bias
+
+    def _with_aux(self, images_BxHxWxC, tokens_BxL, train: bool, aux: bool):
+        bias = self.logit_bias if self.init_bias is not None else jnp.zeros(())
+        img_emb_BxD, image_BxNxE = self._embeddings_and_tokens(images_BxHxWxC, train)
+        txt_emb_BxD = self.encode_texts(tokens_BxL, train)
+        outputs = {
+            name: term(image_BxNxE, tokens_BxL, train=train) for name, term in self.aux.items()
+        }
+        scored = (img_emb_BxD, txt_emb_BxD, self.logit_scale, bias)
+        return (*scored, outputs) if aux else scored
 
 
 def _encoder_output(tower_path: tuple[str, ...], found: list) -> Callable:

@@ -17,7 +17,6 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from clip_jax.models.layers import Attention, BlockConfig, Mlp, dense_init, make_norm, zeros
 
@@ -126,9 +125,10 @@ def captioning_loss(
 
 def greedy_decode(
     decode_logits, image_BxNxE: jax.Array, length: int, bos_id: int, eos_id: int, pad_id: int
-) -> np.ndarray:
+) -> jax.Array:
     """Captions, one token at a time: ``decode_logits(image, inputs) -> logits``. After
-    a caption's end-of-text token, its remaining positions are padding."""
+    a caption's end-of-text token, its remaining positions are padding. Traceable: jit
+    it (with the model) to decode many batches with one compilation."""
     batch = image_BxNxE.shape[0]
     tokens_BxL = jnp.full((batch, length), pad_id, jnp.int32)
 
@@ -139,4 +139,4 @@ def greedy_decode(
         return tokens_BxL.at[:, i].set(next_B), done_B | (next_B == eos_id)
 
     tokens_BxL, _ = jax.lax.fori_loop(0, length, step, (tokens_BxL, jnp.zeros((batch,), jnp.bool_)))
-    return np.asarray(tokens_BxL)
+    return tokens_BxL

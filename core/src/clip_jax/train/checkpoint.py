@@ -12,22 +12,51 @@ The train state's ``"guard"`` entry (the spike statistics, ``clip_jax.train.guar
 saved as an item of its own, so that what reads only the parameters (``clipctl eval``,
 warm starts) sees the same ``state`` item as before, and checkpoints written before
 guards existed still resume (with a fresh guard).
+
+The directory may be a gs:// URL: orbax writes its metadata through ``etils.epath`` and
+the arrays through tensorstore's own GCS driver. Other URL schemes are refused up front:
+this orbax sends every path that is not gs:// to tensorstore's local-file driver.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
+
+from clip_jax import storage
+from clip_jax.errors import PathError
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 
+# URL schemes orbax can write a checkpoint to (arrays through tensorstore).
+CHECKPOINT_SCHEMES = ("gs",)
+
+
+def checkpoint_directory(directory: str | os.PathLike) -> epath.Path | Path:
+    """The directory as orbax takes it: a local path made absolute, a gs:// URL as is."""
+    location = os.fspath(directory)
+    if not storage.is_url(location):
+        return Path(location).absolute()
+    scheme = location.partition("://")[0]
+    if scheme not in CHECKPOINT_SCHEMES:
+        raise PathError(
+            f"checkpoints cannot be written to {scheme}:// (orbax writes arrays through "
+            f"tensorstore, which it sends to local folders and "
+            f"{', '.join(s + '://' for s in CHECKPOINT_SCHEMES)} only): choose a local "
+            "folder or a gs:// URL",
+            key="run.output_dir",
+        )
+    return epath.Path(location)
+
 
 class Checkpoints:
-    def __init__(self, directory: str | Path, keep: int, every: int):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, keep: int, every: int):
+        self.directory = checkpoint_directory(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),

@@ -4,7 +4,8 @@ The loop does not write files or print: it emits events (a train record, an eval
 a checkpoint, a message, a guard event, a stop, the finish, a failure) and each
 subscriber does its part: ``RunFolderWriter`` keeps metrics.jsonl and status.json,
 ``Progress`` shows the bar and writes run.log. An experiment logger (wandb, TensorBoard)
-is one more subscriber with the ``on_<event>`` methods it needs.
+is one more subscriber with the ``on_<event>`` methods it needs, wrapped in ``Tolerant``
+so that a tracker's failure costs the run one warning, never the run.
 
 ``reported`` wraps a whole run: whatever way it ends (finished, Ctrl-C or a stop request,
 an error), exactly one of ``on_finish``, ``on_stop`` or ``on_failure`` has reached the
@@ -26,6 +27,7 @@ class Subscriber:
     """The loop's events; every method is a no-op here: override the ones you need."""
 
     def on_start(self, step: int, total: int) -> None: ...
+    def on_run_info(self, step: int, info: dict[str, Any]) -> None: ...
     def on_message(self, text: str) -> None: ...
     def on_step(self, step: int, record: dict[str, Any]) -> None: ...
     def on_eval(self, step: int, results: dict[str, Any]) -> None: ...
@@ -66,6 +68,13 @@ class RunFolderWriter(Subscriber):
     def on_start(self, step: int, total: int) -> None:
         self.folder.write_status("running", step=step, steps=total)
 
+    def on_run_info(self, step: int, info: dict[str, Any]) -> None:
+        # the spec is spec.resolved.toml already; the rest goes in run.log
+        counts = ", ".join(f"{k} {v:,}" for k, v in info["parameters"].items())
+        machine = ", ".join(f"{k} {v}" for k, v in info["machine"].items())
+        self.folder.log(f"parameters: {counts}")
+        self.folder.log(f"machine: {machine}")
+
     def on_step(self, step: int, record: dict[str, Any]) -> None:
         self.folder.append_metrics({"step": step, "split": "train", **record, "time": time.time()})
         self.folder.write_status("running", step=step, steps=self.total)
@@ -86,6 +95,40 @@ class RunFolderWriter(Subscriber):
 
     def on_failure(self, step: int, error: str) -> None:
         self.folder.write_status("failed", step=step, steps=self.total, error=error)
+
+
+EVENTS = [name.removeprefix("on_") for name in vars(Subscriber) if name.startswith("on_")]
+
+
+class Tolerant(Subscriber):
+    """A subscriber whose first exception is reported once through ``warn`` and turns it
+    off: an experiment tracker that fails (not logged in, a full disk) must not stop
+    the training it only watches."""
+
+    def __init__(self, inner: Subscriber, name: str, warn: Callable[[str], None]):
+        self.inner, self.name, self.warn = inner, name, warn
+        self.failed = False
+
+    def _call(self, event: str, *args: Any) -> None:
+        method = getattr(self.inner, f"on_{event}", None)  # a plugin may skip the base
+        if self.failed or method is None:
+            return
+        try:
+            method(*args)
+        except Exception as exc:
+            self.failed = True
+            self.warn(
+                f"warning: logger {self.name!r} failed in on_{event} "
+                f"({type(exc).__name__}: {exc}); the run goes on without it"
+            )
+
+
+def _forward(event: str) -> Callable[..., None]:
+    return lambda self, *args: self._call(event, *args)
+
+
+for _event in EVENTS:
+    setattr(Tolerant, f"on_{_event}", _forward(_event))
 
 
 @contextmanager

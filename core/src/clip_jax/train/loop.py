@@ -240,6 +240,7 @@ class TrainLoop:
             process_count=jax.process_count(),
             preprocess=spec.preprocess,
             labels=head.needs_labels,
+            record_format=self.comps.data.record_format,
         )
         labels = (lambda b: checked_labels(b, head, keys)) if head.needs_labels else None
         return Prefetch(readers, device_batches(self.comps.layout, self.tokenizer, labels))

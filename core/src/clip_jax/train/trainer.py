@@ -15,17 +15,18 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 
-from clip_jax import distributed
+from clip_jax import distributed, storage
 from clip_jax import spec as spec_lib
 from clip_jax.components import Components, components
 from clip_jax.data import pipeline
 from clip_jax.data.readers import check_layout
 from clip_jax.errors import UserError
 from clip_jax.evaluate import evaluate, padded_encoder
+from clip_jax.models.captioning import greedy_captioner
 from clip_jax.run_folder import RunFolder, RunFolderConflict, check_run_folder  # noqa: F401
 from clip_jax.spec import RunSpec
-from clip_jax.train import guards
-from clip_jax.train.checkpoint import Checkpoints
+from clip_jax.train import guards, loggers
+from clip_jax.train.checkpoint import Checkpoints, checkpoint_directory
 from clip_jax.train.events import Events, RunFolderWriter, log_messages, reported
 from clip_jax.train.loop import TrainLoop
 from clip_jax.train.progress import Progress
@@ -48,6 +49,11 @@ def run_evaluation(
             head_scores = lambda batch: classify(tokenizer(batch.captions))
         else:
             head_scores = lambda batch: classify(batch.images)
+    caption_images = None
+    decode = greedy_captioner(comps.model, getattr(tokenizer, "eos_id", -1))
+    if decode is not None:  # a captioning term: how well its decoder captions
+        captions_of = padded_encoder(decode, params, size)
+        caption_images = lambda images: tokenizer.decode(captions_of(images))  # noqa: E731
     dataset = pipeline.make_dataset(
         source.validation_files,
         image_size=spec.model.vision.image_size,
@@ -57,6 +63,7 @@ def run_evaluation(
         label_key=source.keys.label_key,
         train=False,
         preprocess=spec.preprocess,
+        record_format=source.record_format,
     )
     return evaluate(
         pipeline.iterate(dataset),
@@ -68,6 +75,7 @@ def run_evaluation(
         retrieval_enabled=spec.eval.retrieval,
         max_examples=spec.eval.max_examples,
         head_scores=head_scores,
+        caption_images=caption_images,
     )
 
 
@@ -84,12 +92,19 @@ def load_tokenizer(comps: Components, folder: RunFolder, train_files: Sequence[s
         if not saved.exists():
             raise UserError(f"train.init_from: {init_from} has no tokenizer.json")
     limit = getattr(comps.spec.tokenizer, "train_captions", 100_000)
+    source = comps.data
     captions = (
-        () if saved else pipeline.read_captions(train_files, comps.data.keys.caption_key, limit)
+        ()
+        if saved
+        else pipeline.read_captions(
+            train_files, source.keys.caption_key, limit, source.record_format
+        )
     )
-    tokenizer = comps.tokenizer(saved=saved, captions=captions)
+    with storage.local_copy(saved) as local:  # a gs:// run folder's copy, read locally
+        tokenizer = comps.tokenizer(saved=local, captions=captions)
     if not folder.tokenizer.exists() and folder.writable:
-        tokenizer.save(folder.tokenizer)
+        with storage.staged(folder.tokenizer) as local:
+            tokenizer.save(local)
     vocab = comps.spec.model.text.vocab_size
     if tokenizer.vocab_size > vocab:
         raise UserError(
@@ -120,6 +135,7 @@ def train(spec: RunSpec, force: bool = False, stream: TextIO | None = None) -> d
     last_step = lambda: loops[0].step if loops else _last_step(folder)  # noqa: E731
     with reported(events, last_step), log_messages(events), ExitStack() as closing:
         closing.callback(progress.close)  # on every exit: checkpoints written out, then the bar
+        loggers.subscribe(events, spec, folder)  # [logging]: trackers besides the run folder
         events.emit("start", 0, total)
         return _train(comps, folder, events, progress, closing, loops)
 
@@ -142,6 +158,7 @@ def preflight(comps: Components) -> None:
         and not RunFolder(init_from).tokenizer.exists()
     ):
         raise UserError(f"train.init_from: {init_from} has no tokenizer.json")
+    checkpoint_directory(RunFolder(spec.run.output_dir).checkpoints)  # a scheme orbax writes
     layout = comps.layout  # the mesh builds on these devices
     batch, micro, processes = spec.train.batch_size, spec.train.microbatches, jax.process_count()
     if batch % (layout.batch_divisor * processes * micro):
@@ -230,6 +247,7 @@ def _train(
         events.message(f"run already finished at step {step}")
         events.emit("finish", step, final)
         return final
+    events.emit("run_info", step, loggers.run_info(spec, state["params"]))
     train_step = make_train_step(
         comps.model,
         comps.loss.fn,
@@ -238,7 +256,7 @@ def _train(
         shardings,
         layout,
         seed=spec.run.seed,
-        objective=comps.head.objective(comps.model, comps.loss.fn),
+        objective=comps.objective(),
         microbatches=spec.train.microbatches,
         guard=spec.train.spike,
     )

@@ -1,0 +1,179 @@
+"""Auxiliary objectives ([[loss.aux]]): the spec, the captioning term's value and
+gradient against a plain reference, the total loss, micro-batches, and what is refused."""
+
+import tomllib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clip_jax.components import components
+from clip_jax.errors import UserError
+from clip_jax.models.captioning import per_example_captioning
+from clip_jax.spec import SpecError, to_toml, validate
+from tests.conftest import QUICKSTART
+
+TINY = {"width": 32, "depth": 1, "heads": 2}
+
+
+def raw_spec(aux, **loss):
+    raw = tomllib.loads(QUICKSTART.read_text())
+    raw["model"] = {
+        "architecture": "clip",
+        "preset": "tiny",
+        "embed_dim": 16,
+        "vision": {**TINY, "patch_size": 16},
+        "text": {**TINY, "context_length": 8, "vocab_size": 64},
+    }
+    raw["loss"] = {"name": "sigmoid", **loss, "aux": aux}
+    raw["train"]["batch_size"] = 8
+    return raw
+
+
+def test_a_spec_without_terms_resolves_to_the_same_text_as_before():
+    spec = validate(tomllib.loads(QUICKSTART.read_text()))
+    assert spec.loss.aux == [] and "aux" not in to_toml(spec)
+
+
+def test_terms_resolve_with_their_defaults_and_read_back_equal():
+    spec = validate(raw_spec([{"name": "captioning", "weight": 0.5, "depth": 1}]))
+    (term,) = spec.loss.aux
+    assert (term.name, term.weight, term.depth, term.parallel_fraction) == (
+        "captioning",
+        0.5,
+        1,
+        0.5,
+    )
+    text = to_toml(spec)
+    assert "[[loss.aux]]" in text
+    assert validate(tomllib.loads(text)) == spec
+
+
+@pytest.mark.parametrize(
+    "entry, key",
+    [
+        ({"name": "captioning", "depth": 0}, "loss.aux.0.depth"),
+        ({"name": "captioning", "weight": -1}, "loss.aux.0.weight"),
+        ({"name": "captioning", "dpeth": 2}, "loss.aux.0.dpeth"),
+        ({"name": "no_such_term"}, "loss.aux.0.name"),
+        ({"weight": 1.0}, "loss.aux.0.name"),
+    ],
+)
+def test_a_wrong_term_names_its_key(entry, key):
+    with pytest.raises(SpecError) as caught:
+        validate(raw_spec([entry]))
+    assert caught.value.key == key, caught.value.problems
+
+
+def reference_captioning(logits, targets, pad_id):
+    """Per caption: mean negative log-likelihood over its non-padding tokens, in numpy."""
+    losses = []
+    for row_logits, row_targets in zip(logits, targets, strict=True):
+        nll = []
+        for position_logits, target in zip(row_logits, row_targets, strict=True):
+            if target == pad_id:
+                continue
+            shifted = position_logits - position_logits.max()
+            nll.append(np.log(np.exp(shifted).sum()) - shifted[target])
+        losses.append(np.mean(nll) if nll else 0.0)
+    return np.asarray(losses)
+
+
+def test_captioning_value_and_gradient_match_a_plain_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 7)).astype(np.float32)
+    targets = np.array([[1, 4, 2, 0, 0], [3, 3, 3, 6, 2], [0, 0, 0, 0, 0]])
+    out = per_example_captioning(jnp.asarray(logits), jnp.asarray(targets), pad_id=0)
+    np.testing.assert_allclose(out["loss"], reference_captioning(logits, targets, 0), rtol=1e-5)
+    assert out["token_accuracy"].shape == (3,)
+
+    # d(mean loss)/d logits = (softmax - onehot) / (count * batch) on valid positions
+    grad = jax.grad(lambda x: per_example_captioning(x, jnp.asarray(targets), 0)["loss"].mean())(
+        jnp.asarray(logits)
+    )
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    onehot = np.eye(7)[targets]
+    valid = (targets != 0)[..., None]
+    count = np.maximum(valid.sum(axis=1, keepdims=True), 1)
+    expected = (probs - onehot) * valid / count / len(targets)
+    np.testing.assert_allclose(grad, expected, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def aux_run():
+    spec = validate(
+        raw_spec([{"name": "captioning", "weight": 0.5, "depth": 1, "parallel_fraction": 0.0}])
+    )
+    comps = components(spec)
+    size = spec.model.vision.image_size
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.normal(size=(8, size, size, 3)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(1, 64, size=(8, 8)), jnp.int32)
+    boxed = jax.jit(comps.model.init)(jax.random.key(0), images, tokens)["params"]
+    params = nn.meta.unbox(boxed)
+    return comps, params, images, tokens
+
+
+@pytest.mark.slow  # compiles the model
+def test_the_total_is_the_contrastive_loss_plus_the_weighted_term(aux_run):
+    comps, params, images, tokens = aux_run
+    assert "aux_captioning" in params
+    objective = comps.objective()
+    loss, metrics = objective(params, images, tokens, None, jax.random.key(2))
+    model = comps.model
+    img, txt, log_scale, bias, outputs = model.apply({"params": params}, images, tokens, aux=True)
+    contrastive = comps.loss.fn(img, txt, log_scale, bias)
+    captioning = outputs["captioning"]["loss"].mean()
+    np.testing.assert_allclose(metrics["loss/contrastive"], contrastive, rtol=1e-6)
+    np.testing.assert_allclose(metrics["loss/captioning"], captioning, rtol=1e-6)
+    np.testing.assert_allclose(loss, contrastive + 0.5 * captioning, rtol=1e-6)
+    assert 0 <= metrics["captioning/token_accuracy"] <= 1
+    grads = jax.grad(lambda p: objective(p, images, tokens, None, jax.random.key(2))[0])(params)
+    assert float(jnp.abs(grads["aux_captioning"]["decoder"]["logits"]["kernel"]).sum()) > 0
+
+
+@pytest.mark.slow  # compiles the model
+def test_micro_batches_give_the_full_batch_loss_and_gradients_with_a_term(aux_run):
+    from clip_jax.train.microbatch import cached_value_and_grad
+
+    comps, params, images, tokens = aux_run
+    objective = comps.objective()
+    inputs = (images, tokens, None, jax.random.key(3))
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params, *inputs)
+    (loss2, metrics2), grads2 = jax.jit(cached_value_and_grad(objective, 2))(params, *inputs)
+    np.testing.assert_allclose(loss2, loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics2["loss/captioning"], metrics["loss/captioning"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads2), jax.tree.leaves(grads), strict=True):
+        # float32 sums in another order: close relative to the leaf's own scale
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
+
+
+def test_a_term_with_a_classification_head_is_refused():
+    raw = raw_spec([{"name": "captioning"}])
+    raw["head"] = {"name": "image_classification", "num_classes": 3}
+    raw["data"]["label_key"] = "label"
+    with pytest.raises(UserError, match="loss.aux"):
+        _ = components(validate(raw)).model
+
+
+@pytest.mark.slow
+def test_a_run_with_a_captioning_term_logs_it_evaluates_captions_and_captions(small_run):
+    import clip_jax
+    from clip_jax.run_folder import RunFolder
+    from clip_jax.spec import load_spec
+    from clip_jax.train.trainer import train
+
+    aux = 'loss.aux=[{name = "captioning", depth = 1, heads = 2}]'
+    spec = load_spec(QUICKSTART, small_run + ["loss.name=sigmoid", aux, "train.steps=10"])
+    results = train(spec)
+    assert 0 <= results["caption_exact_match"] <= results["caption_word_accuracy"] <= 1
+    records = [r for r in RunFolder(spec.run.output_dir).metrics() if r["split"] == "train"]
+    assert {"loss/contrastive", "loss/captioning", "captioning/token_accuracy"} <= set(records[-1])
+
+    model = clip_jax.load(spec.run.output_dir)
+    images = np.zeros((3, 32, 32, 3), np.uint8)
+    captions = model.caption(images)
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
