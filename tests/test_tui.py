@@ -231,8 +231,8 @@ def test_launch_screen_warns_before_launching_a_run_that_does_not_fit(
         async with app.run_test(size=SIZE) as pilot:
             launch = await open_launch_screen(pilot, app, spec_path)
             assert "estimating" in memory_text(launch)  # in a worker: the screen is up
-            summary = str(launch.query_one("#launch-summary").render())
-            assert "headless:   clipctl run big.toml" in summary  # to repeat it without the TUI
+            command = str(launch.query_one("#launch-command").render())
+            assert command == "headless:   clipctl run big.toml"  # to repeat it without the TUI
 
             def estimated() -> bool:
                 return launch.fits is not None or "failed" in memory_text(launch)
@@ -449,3 +449,34 @@ def test_the_headless_command_is_quoted_for_a_shell(tmp_path):
     odd = tmp_path / "my specs" / "x; touch PWNED.toml"
     assert headless_command(odd, tmp_path) == "clipctl run 'my specs/x; touch PWNED.toml'"
     assert headless_command(odd, tmp_path / "elsewhere") == f"clipctl run '{odd}'"
+
+
+def test_the_launch_screen_takes_hosts_and_shows_the_command_that_uses_them(tmp_path, monkeypatch):
+    from clip_jax.spec import to_dict, validate
+    from clipctl.spec_edit import as_dict, load_document
+
+    monkeypatch.setattr(LaunchScreen, "estimate_memory", lambda self: None)  # no compiling
+    spec_path = write_spec(tmp_path / "pod.toml", [f"run.output_dir={tmp_path / 'runs' / 'pod'}"])
+    original = as_dict(load_document(QUICKSTART))
+    resolved = to_dict(validate(as_dict(load_document(spec_path))))
+
+    async def scenario():
+        app = ClipctlApp(runs_root=tmp_path / "runs", cwd=tmp_path)
+        async with app.run_test(size=(100, 30)) as pilot:
+            launch = LaunchScreen(spec_path, original, resolved)
+            app.push_screen(launch)
+            await pilot.pause()
+            hosts = launch.query_one("#launch-hosts", Input)
+            hosts.value = "ssh:gpu0,gpu1"
+            await pilot.pause()
+            command = str(launch.query_one("#launch-command").render())
+            assert command == "headless:   clipctl run pod.toml --hosts ssh:gpu0,gpu1"
+            hosts.value = "moon:base"
+            await pilot.press("ctrl+l")  # refused with the reason, nothing started
+            await pilot.pause()
+            assert app.screen is launch
+            (shown,) = errors_shown(app)
+            assert shown.startswith("not launched: ") and "moon" in shown
+            assert not (tmp_path / "runs" / "pod").exists()
+
+    asyncio.run(scenario())

@@ -180,6 +180,7 @@ def launch(
     overrides: Sequence[str] = (),
     force: bool = False,
     runs_log_name: str = LAUNCH_LOG,
+    hosts: str | None = None,
 ) -> RunSummary:
     """Start ``clipctl run SPEC OVERRIDES`` as its own session and return its summary.
 
@@ -187,9 +188,15 @@ def launch(
     started), so a bad spec is reported at once rather than in a log. Refused with
     RunRefused (a ValueError and a UserError): a folder whose run is still running, or
     that holds a run made from another spec (unless ``force``). The process outlives
-    this one; its output is appended to ``<output_dir>/<runs_log_name>``.
+    this one; its output is appended to ``<output_dir>/<runs_log_name>``. ``hosts``: a
+    ``--hosts`` value (``clipctl.hosts``), checked here; the run starts on every host.
     """
-    return _launch(Path(spec_path), tuple(overrides), force, runs_log_name, cwd=None)
+    if hosts:
+        from clipctl.hosts import parse_hosts
+
+        parse_hosts(hosts)  # a HostsError (exit 2 in the CLI, a message in the TUI)
+    extra = ("--hosts", hosts) if hosts else ()
+    return _launch(Path(spec_path), tuple(overrides), force, runs_log_name, None, extra)
 
 
 def resume(run_dir: str | Path) -> RunSummary:
@@ -331,6 +338,7 @@ def _launch(
     force: bool,
     log_name: str,
     cwd: Path | None,
+    options: tuple[str, ...] = (),
 ) -> RunSummary:
     from clip_jax import spec as spec_lib
 
@@ -349,7 +357,7 @@ def _launch(
     except RunFolderConflict as exc:
         raise RunRefused(str(exc)) from None
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "clipctl.cli", "run", str(spec_path), *overrides]
+    command = [sys.executable, "-m", "clipctl.cli", "run", str(spec_path), *overrides, *options]
     if force:
         command.append("--force")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -22,7 +22,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Footer, Header, Input, Static
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -75,11 +75,25 @@ def memory_summary(report: dict[str, Any]) -> tuple[str, bool | None]:
     return "\n".join(lines), fits
 
 
-def headless_command(spec_path: Path, cwd: Path) -> str:
+def headless_command(spec_path: Path, cwd: Path, hosts: str = "") -> str:
     """The shell line that starts this run without the TUI (what ctrl+l runs), the spec
     path relative to the working directory when it lies below it."""
     shown = Path(os.path.relpath(spec_path, cwd)) if spec_path.is_relative_to(cwd) else spec_path
-    return shlex.join(["clipctl", "run", str(shown)])
+    return shlex.join(["clipctl", "run", str(shown), *(["--hosts", hosts] if hosts else [])])
+
+
+def hosts_hint() -> tuple[str, str]:
+    """(the hosts field's first value, a line about it): on a TPU VM, every worker of the
+    slice is offered (``TPU_NAME`` names it, where the VM's environment says)."""
+    from clipctl.hosts import on_tpu_vm
+
+    if not on_tpu_vm():
+        return "", "hosts: empty starts the run here; tpu:NAME[@ZONE], ssh:H1,H2 or slurm"
+    name = os.environ.get("TPU_NAME", "")
+    return (
+        f"tpu:{name}" if name else "",
+        "hosts: this is a TPU VM: tpu:NAME[@ZONE] starts the run on every worker",
+    )
 
 
 def _resolved_view(edited: dict[str, Any]) -> Syntax | str:
@@ -114,12 +128,16 @@ class LaunchScreen(Screen):
         output_dir = self.resolved.get("run", {}).get("output_dir", "?")
         yield Header()
         with VerticalScroll(id="launch-pane"):
-            command = headless_command(self.path.absolute(), self.app.cwd.absolute())
+            hosts, hint = hosts_hint()
             yield Static(
-                f"spec:       {escape(str(self.path))}\nrun folder: {escape(str(output_dir))}\n"
-                f"headless:   {escape(command)}\n\n"
-                "[b]changed from the template[/b]\n" + "\n".join(map(escape, diff)),
+                f"spec:       {escape(str(self.path))}\nrun folder: {escape(str(output_dir))}",
                 id="launch-summary",
+            )
+            yield Static(self._headless(hosts), id="launch-command")
+            yield Input(hosts, placeholder=hint, id="launch-hosts")
+            yield Static(
+                "[b]changed from the template[/b]\n" + "\n".join(map(escape, diff)),
+                id="launch-changes",
             )
             yield Static(
                 "[b]memory per device[/b]  estimating: compiling the train step...",
@@ -131,6 +149,14 @@ class LaunchScreen(Screen):
     def on_mount(self) -> None:
         self.sub_title = "launch"
         self.estimate_memory()
+
+    def _headless(self, hosts: str) -> str:
+        command = headless_command(self.path.absolute(), self.app.cwd.absolute(), hosts.strip())
+        return f"headless:   {escape(command)}"
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "launch-hosts":
+            self.query_one("#launch-command", Static).update(self._headless(event.value))
 
     @work(thread=True, exclusive=True, group="estimate", exit_on_error=False)
     def estimate_memory(self) -> None:
@@ -187,7 +213,8 @@ class LaunchScreen(Screen):
             return
         self._stop_estimate()
         try:
-            summary = runs.launch(self.path)
+            hosts = self.query_one("#launch-hosts", Input).value.strip()
+            summary = runs.launch(self.path, hosts=hosts or None)
         except (UserError, OSError) as exc:  # the spec, the folder: shown, not fatal
             self.notify(str(exc), title="not launched", severity="error", timeout=10, markup=False)
             return
