@@ -1,6 +1,7 @@
 """Auxiliary objectives ([[loss.aux]]): the spec, the captioning term's value and
 gradient against a plain reference, the total loss, micro-batches, and what is refused."""
 
+import json
 import tomllib
 
 import flax.linen as nn
@@ -47,7 +48,7 @@ def test_terms_resolve_with_their_defaults_and_read_back_equal():
         0.5,
     )
     text = to_toml(spec)
-    assert "[[loss.aux]]" in text
+    assert '[[loss.aux]]\nname = "captioning"' in text  # the name first, as a user writes it
     assert validate(tomllib.loads(text)) == spec
 
 
@@ -59,11 +60,12 @@ def test_terms_resolve_with_their_defaults_and_read_back_equal():
         ({"name": "captioning", "dpeth": 2}, "loss.aux.0.dpeth"),
         ({"name": "no_such_term"}, "loss.aux.0.name"),
         ({"weight": 1.0}, "loss.aux.0.name"),
+        ([{"name": "captioning"}, {"name": "captioning", "weight": 2.0}], "loss.aux"),
     ],
 )
 def test_a_wrong_term_names_its_key(entry, key):
     with pytest.raises(SpecError) as caught:
-        validate(raw_spec([entry]))
+        validate(raw_spec(entry if isinstance(entry, list) else [entry]))
     assert caught.value.key == key, caught.value.problems
 
 
@@ -161,7 +163,7 @@ def test_a_term_with_a_classification_head_is_refused():
 
 
 @pytest.mark.slow
-def test_a_run_with_a_captioning_term_logs_it_evaluates_captions_and_captions(small_run):
+def test_a_run_with_a_captioning_term_logs_it_evaluates_captions_and_captions(small_run, tmp_path):
     import clip_jax
     from clip_jax.run_folder import RunFolder
     from clip_jax.spec import load_spec
@@ -178,6 +180,22 @@ def test_a_run_with_a_captioning_term_logs_it_evaluates_captions_and_captions(sm
     images = np.zeros((3, 32, 32, 3), np.uint8)
     captions = model.caption(images)
     assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+
+    from click.testing import CliRunner
+
+    from clip_jax.data.synthetic import make_example
+    from clipctl.cli import cli
+
+    files = []
+    for index in range(2):
+        files.append(tmp_path / f"shape{index}.jpg")
+        files[-1].write_bytes(make_example(0, index, 32)[0])
+    args = ["caption", spec.run.output_dir, "--json"] + [f"--image={f}" for f in files]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [row["image"] for row in rows] == [str(f) for f in files]
+    assert all(isinstance(row["caption"], str) for row in rows)
 
 
 @pytest.mark.slow  # compiles the model on the 8-device mesh, twice

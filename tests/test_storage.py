@@ -142,6 +142,65 @@ def test_pending_appends_are_written_at_exit(ram_url):
     assert gfile_text(f"{ram_url}/run.log").endswith(" last words\n")
 
 
+@pytest.fixture
+def store_fails(monkeypatch):
+    """``store_fails(n)``: the next ``n`` object writes fail as a store error would."""
+    real = storage.UrlPath.write_text
+    failures = [0]
+
+    def write_text(self, text, encoding="utf-8"):
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise storage.StorageError("503 backend unavailable", key=str(self))
+        real(self, text, encoding)
+
+    monkeypatch.setattr(storage.UrlPath, "write_text", write_text)
+    return lambda n: failures.__setitem__(0, n)
+
+
+def test_a_failed_rewrite_loses_and_repeats_nothing(ram_url, store_fails):
+    appender = storage.Appender(storage.path(f"{ram_url}/run.log"), flush_s=3600)
+    appender.append("one\n")  # the first append is written at once
+    appender._pending.append("two\n")
+    store_fails(1)
+    with pytest.raises(storage.StorageError):
+        appender.flush()  # a direct flush says the lines are not there...
+    appender.flush()  # ...and the next one writes them once
+    assert gfile_text(f"{ram_url}/run.log") == "one\ntwo\n"
+
+
+def test_a_store_error_on_a_timed_write_is_a_warning_not_the_end_of_the_run(
+    ram_url, store_fails, caplog
+):
+    folder = RunFolder(ram_url, flush_s=0)
+    folder.write_spec("")
+    store_fails(2)
+    folder.append_metrics({"step": 1})  # fails: warned, kept
+    folder.append_metrics({"step": 2})  # fails again: no second warning
+    folder.write_status("running", step=2)  # the store is back: all of it, once
+    warnings = [r for r in caplog.records if "could not write" in r.getMessage()]
+    assert len(warnings) == 1 and "metrics.jsonl" in warnings[0].getMessage()
+    assert gfile_text(f"{ram_url}/metrics.jsonl") == '{"step": 1}\n{"step": 2}\n'
+    assert json.loads(gfile_text(f"{ram_url}/status.json"))["step"] == 2
+
+
+def test_records_before_a_checkpoint_or_an_evaluation_are_written_with_it(ram_url):
+    """A resume keeps the records up to its checkpoint: on a URL they must be written
+    by then, not at the next timed write (which a killed run never reaches)."""
+    from clip_jax.train.events import RunFolderWriter
+
+    folder = RunFolder(ram_url, flush_s=3600)
+    folder.write_spec("")
+    writer = RunFolderWriter(folder, total=4)
+    for step in (1, 2):
+        writer.on_step(step, {"loss": 1.0})
+    writer.on_checkpoint(2)
+    assert [r["step"] for r in RunFolder(ram_url).metrics()] == [1, 2]
+    writer.on_step(3, {"loss": 1.0})
+    writer.on_eval(3, {"accuracy": 0.5})
+    assert [r["step"] for r in RunFolder(ram_url).metrics()] == [1, 2, 3, 3]
+
+
 def test_a_url_runs_status_is_as_written_a_local_one_is_checked(ram_url, tmp_path):
     ended = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],

@@ -375,6 +375,7 @@ cli.add_command(info_command.info)
 cli.add_command(model_commands.eval_command)
 cli.add_command(model_commands.export_command)
 cli.add_command(model_commands.predict_command)
+cli.add_command(model_commands.caption_command)
 cli.add_command(plugin_new.plugin)
 
 

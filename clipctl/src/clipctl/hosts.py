@@ -14,9 +14,11 @@ travels: the launcher resolves it here (templates, presets, overrides) and sends
 TOML text inside the remote command, so hosts need neither the template nor the
 overrides.
 
-Nothing from a spec or an override runs as shell code on a host: a remote command line is
-built from argv lists and every word is ``shlex.quote``d (the TOML text included); locally
-nothing runs through a shell.
+Nothing from a spec or an override runs as shell code, whatever the hosts' login shell
+(bash, zsh, fish, tcsh...): every remote command is one POSIX ``sh`` script, built with
+``shlex.quote`` for ``sh`` itself, and what reaches the login shell is only
+``echo <base64> | base64 -d | sh`` (letters, digits, ``+/=|-`` and spaces, which every
+shell reads the same way). Locally nothing runs through a shell.
 """
 
 from __future__ import annotations

@@ -130,3 +130,22 @@ def predict_command(
     for row in rows:
         best = row["label"]
         click.echo(f"{row['image']}: {best} ({row['probs'][best]:.3f})")
+
+
+@click.command(name="caption")
+@click.argument("model")
+@click.option(
+    "--image", "images", multiple=True, required=True, type=click.Path(dir_okay=False),
+    help="An image file; repeat for several.",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list.")
+def caption_command(model: str, images: tuple[str, ...], as_json: bool) -> None:
+    """Caption images with a run trained with the captioning term ([[loss.aux]])."""
+    from clip_jax.inference import load  # jax: only once the options are known good
+
+    rows = zip(images, load(model).caption(list(images)), strict=True)
+    if as_json:
+        click.echo(json.dumps([{"image": image, "caption": text} for image, text in rows]))
+        return
+    for image, text in rows:
+        click.echo(f"{image}: {text}")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from pydantic import Field, create_model
+from pydantic import AfterValidator, Field, create_model
 
 from clip_jax.schemas import Options
 
@@ -92,6 +92,18 @@ def _entries_type(terms: tuple[tuple[str, type], ...]) -> Any:
         for name, options in terms
     ]
     if len(models) == 1:
-        return list[models[0]]
-    union = typing.Union[tuple(models)]  # noqa: UP007 (built from a runtime tuple)
-    return list[typing.Annotated[union, Field(discriminator="name")]]
+        entries = list[models[0]]
+    else:
+        union = typing.Union[tuple(models)]  # noqa: UP007 (built from a runtime tuple)
+        entries = list[typing.Annotated[union, Field(discriminator="name")]]
+    return typing.Annotated[entries, AfterValidator(_once_each)]
+
+
+def _once_each(entries: list) -> list:
+    """A term's parameters live under ``aux_<name>``: a name listed twice would be one
+    term, not two."""
+    names = [entry.name for entry in entries]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"term {twice[0]!r} is listed twice (each term once, with its weight)")
+    return entries

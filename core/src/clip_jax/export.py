@@ -30,7 +30,7 @@ def export(
     # Whether the format can take this model is known from the spec: ask before restoring.
     spec = spec_lib.validate(folder.read_spec(), pretrained=False)
     architecture = get_registry().get("architecture", spec.model.architecture)
-    converter = architecture.weight_format(format)
+    converter = architecture.load_format(format)
     if converter is None:
         known = ", ".join(sorted(architecture.formats)) or "none"
         raise UserError(

@@ -34,7 +34,7 @@ class LoadedClip:
         from clip_jax.train.state import make_encoders
 
         self.params = jax.device_put(self.params)  # once, not at every call
-        self._caption = None  # the jitted greedy decoder, made on first use
+        self._captioners: dict = {}  # max_length -> greedy decoder, made on first use
         images_fn, texts_fn = make_encoders(self.comps.model)
         size = self.comps.spec.eval.batch_size
         self._images = padded_encoder(images_fn, self.params, size)
@@ -93,15 +93,16 @@ class LoadedClip:
         from clip_jax.evaluate import padded_encoder
         from clip_jax.models.captioning import greedy_captioner
 
-        if self._caption is None:
-            decode = greedy_captioner(self.comps.model, self.tokenizer.eos_id, max_length)
+        if max_length not in self._captioners:
+            decode = greedy_captioner(self.comps.model, self.tokenizer, max_length)
             if decode is None:
                 raise UserError(
                     "this model has no captioning decoder: train it with a [[loss.aux]] "
                     'term name = "captioning"'
                 )
-            self._caption = padded_encoder(decode, self.params, self.spec.eval.batch_size)
-        return self.tokenizer.decode(self._caption(self.preprocess(images)))
+            size = self.spec.eval.batch_size
+            self._captioners[max_length] = padded_encoder(decode, self.params, size)
+        return self.tokenizer.decode(self._captioners[max_length](self.preprocess(images)))
 
 
 def load(ref: str | Path, step: int | None = None, image_size: int | None = None) -> LoadedClip:
@@ -208,12 +209,14 @@ def evaluate_run(
         results = evaluate_model(model, eval_set, probe_files, limit)
         split = f"eval:{eval_set.name}"
     else:
+        from clip_jax.models.captioning import greedy_captioner
         from clip_jax.train.state import make_encoders
         from clip_jax.train.trainer import run_evaluation
 
-        results = run_evaluation(
-            model.comps, model.params, model.tokenizer, make_encoders(model.comps.model)
-        )
+        comps, tokenizer = model.comps, model.tokenizer
+        captioner = greedy_captioner(comps.model, tokenizer)
+        encoders = make_encoders(comps.model)
+        results = run_evaluation(comps, model.params, tokenizer, encoders, captioner)
         split = "eval:validation"
     results = {"step": model.step, **results}
     if not published:

@@ -63,8 +63,9 @@ class Component:
     # Data sources: record format name -> "module:attr" of its ``RecordFormat``.
     formats: dict[str, str] = field(default_factory=dict)
 
-    def weight_format(self, name: str) -> Any:
-        """The converter for format ``name`` (imported now), or None."""
+    def load_format(self, name: str) -> Any:
+        """The object ``formats`` names for ``name``, imported now (an architecture's
+        weight converter, a data source's record format), or None."""
         target = self.formats.get(name)
         if target is None:
             return None

@@ -67,7 +67,7 @@ def find_format(ref: str, registry: Registry | None = None) -> tuple[str, Weight
         raise UserError(f"{path} does not exist")
     registry = registry or get_registry()
     readers = [
-        (component.name, component.weight_format(scheme))
+        (component.name, component.load_format(scheme))
         for component in registry.components.get("architecture", {}).values()
         if scheme in component.formats
     ]

@@ -14,15 +14,21 @@ Reading a run folder never imports jax, nor TensorFlow when the folder is local.
 
 ``run.output_dir`` may be a URL (``gs://bucket/runs/x``): the files go through
 ``clip_jax.storage``. There, appends (metrics.jsonl, run.log) and "running" statuses are
-written at most every ``flush_s`` seconds and whenever the state changes or the process
-exits; the state changes (finished, failed...) are written at once, after the records
-before them. Liveness of a URL run cannot be checked from here: its status is as written.
+written when one comes ``flush_s`` seconds or more after the last write, at every
+checkpoint and evaluation (``train.events.RunFolderWriter``), and when the process
+exits normally; the state changes (finished, failed...) are written at once, after the
+records before them. So a run killed outright loses at most the records after its last
+checkpoint, which a resume drops anyway (``truncate_metrics``). A store error on a
+timed write is a warning and is tried again; the process that trains owns the files
+(another's appends to a URL file are overwritten: ``storage.Appender``). Liveness of a
+URL run cannot be checked from here: its status is as written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 import tomllib
@@ -101,6 +107,8 @@ class RunFolder:
                 continue  # a line cut short by a crash
 
     def append_metrics(self, record: dict[str, Any]) -> None:
+        """Append one record. On a URL only the process that trains may: another
+        process's records there are overwritten by its next rewrite (``storage.Appender``)."""
         if not self.writable:
             return
         self._metrics.append(json.dumps(record) + "\n")
@@ -144,18 +152,9 @@ class RunFolder:
         return status
 
     def _hosts_at_work(self) -> bool:
-        """Whether a multi-host launch (``clipctl run --hosts``, its ``hosts.json``) is
-        still going: the trainers' pids are then on other machines and say nothing here.
-        Its launcher (local) is alive, or Slurm runs the job (no local process)."""
-        try:
-            record = json.loads((self.path / HOSTS).read_text())
-        except (OSError, ValueError):
-            return False
-        if not isinstance(record, dict) or record.get("ended"):
-            return False
-        if record.get("job_id"):
-            return True
-        return _pid_exists(record.get("launcher_pid"))
+        """Whether a multi-host launch still runs this run: its trainers' pids are then on
+        other machines and say nothing here (``hosts_at_work``)."""
+        return hosts_at_work(read_hosts(self.path))
 
     def write_status(self, state: str, pid: int | None = None, **fields: Any) -> None:
         """Record the run's state; ``pid`` is the process that owns the run (default: this one)."""
@@ -166,7 +165,7 @@ class RunFolder:
         if self.remote and state == "running":
             self._pending_status = text
             if time.monotonic() - self._status_written >= self.flush_s:
-                self.flush()
+                self._flush_or_warn()
             return
         self._pending_status = None  # superseded
         self.flush()  # the records before a state change are there when it is read
@@ -178,13 +177,72 @@ class RunFolder:
         self._log.append(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
     def flush(self) -> None:
-        """Write what waits to be written (on a URL; a local folder has nothing waiting)."""
+        """Write what waits to be written (on a URL; a local folder has nothing waiting);
+        raises OSError if the store refuses, with nothing lost from what waits."""
         self._metrics.flush()
         self._log.flush()
         if self._pending_status is not None:
             storage.write_atomic(self.path / STATUS, self._pending_status)
             self._pending_status = None
             self._status_written = time.monotonic()
+
+    def _flush_or_warn(self) -> None:
+        """A timed write: a store error is one warning (``storage.Appender.flush_or_warn``)
+        and the next try waits ``flush_s``; the run goes on."""
+        self._status_written = time.monotonic()
+        if not (self._metrics.flush_or_warn() and self._log.flush_or_warn()):
+            return  # warned; the status waits for the records before it
+        try:
+            self.flush()
+        except OSError as exc:
+            logging.getLogger(__name__).warning(
+                "could not write %s (%s); trying again in %gs", self.path / STATUS, exc, self.flush_s
+            )
+
+
+def read_hosts(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A multi-host launch's ``hosts.json`` (None: a one-host run, or unreadable)."""
+    try:
+        record = json.loads((storage.path(path) / HOSTS).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def hosts_at_work(record: dict[str, Any] | None) -> bool:
+    """Whether the multi-host launch of ``record`` (``read_hosts``) is still at work: the
+    one answer `clipctl stop`, relaunches and the runs list share.
+
+    A Slurm job is at work while ``squeue`` lists it; a tpu/ssh launch while its launcher
+    (``clipctl run --hosts``, on this machine) is the process that wrote the record.
+    """
+    if record is None or record.get("ended"):
+        return False
+    job = str(record.get("job_id") or "")
+    if job:
+        return job.isdigit() and _slurm_job_alive(job)
+    return owns_run(record.get("launcher_pid"), record.get("started"))
+
+
+def _slurm_job_alive(job: str) -> bool:
+    """Whether Slurm still has ``job`` (pending, running, completing...). Where squeue
+    cannot answer (not installed here, too slow, slurmctld down) the job counts as alive:
+    a run is never declared dead on no evidence."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%T"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    if done.returncode != 0:  # a job purged from squeue is an "invalid job id"
+        return "invalid job id" not in done.stderr.lower()
+    return bool(done.stdout.strip())
 
 
 def _pid_exists(pid: Any) -> bool:

@@ -367,8 +367,11 @@ def _describe(
 def to_dict(spec: RunSpec) -> dict[str, Any]:
     """The resolved spec as plain data, tables in a stable order, None values left out."""
     data = spec.model_dump(mode="json", exclude_none=True)
-    if not data.get("loss", {}).get("aux", True):
+    terms = data.get("loss", {}).get("aux")
+    if terms == []:
         del data["loss"]["aux"]  # no terms: the same text as before [[loss.aux]] existed
+    elif terms:
+        data["loss"]["aux"] = [{"name": t["name"], **t} for t in terms]  # name first
     ordered = {key: data[key] for key in SECTION_ORDER if key in data}
     # [logging] only when set: a spec without it resolves to the same text as before it
     if data.get("logging", DEFAULT_LOGGING) != DEFAULT_LOGGING:

@@ -14,11 +14,16 @@ imports it, quietly, on its first file operation.
 Object stores have no append and no rename (a "rename" is a copy and a delete), but
 they replace a whole object atomically. So on a URL:
 
-* ``Appender`` keeps the file's text and rewrites the whole file when it flushes, at most
-  every ``flush_s`` seconds (and at exit): readers always see complete lines, and a
-  store that allows about one update per second per object (GCS) is never flooded.
-  This is how TensorFlow's own GCS file system appends (it re-uploads the file); one
-  file, not numbered parts, so every reader of metrics.jsonl keeps working.
+* ``Appender`` keeps the file's text and rewrites the whole file when it flushes: on an
+  append that comes ``flush_s`` seconds or more after the last write, when its owner
+  calls ``flush()`` (the run folder does at every checkpoint, evaluation and state
+  change) and at a normal exit. Readers always see complete lines, and a store that
+  allows about one update per second per object (GCS) is never flooded. This is how
+  TensorFlow's own GCS file system appends (it re-uploads the file); one file, not
+  numbered parts, so every reader of metrics.jsonl keeps working. A process killed
+  outright (SIGKILL, a preempted VM) loses what was appended since the last write.
+  One process owns such a file: what another process appends to it is overwritten by
+  the owner's next rewrite (see ``Appender``).
 * ``write_atomic`` writes the object in one piece (atomic on GCS and S3); locally it
   writes a temporary file and renames it into place.
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import re
 import tempfile
@@ -38,10 +44,12 @@ from typing import IO, Any
 
 from clip_jax.errors import PathError
 
+_log = logging.getLogger(__name__)
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
-# Seconds between two rewrites of an appended file on a URL: GCS allows about one update
-# per second to an object, and a crash loses at most this much of metrics.jsonl/run.log.
+# Least seconds between two rewrites of an appended file on a URL that appends alone
+# cause (GCS allows about one update per second to an object). Not a bound on what a
+# crash loses: nothing is written until the next append, flush() or exit comes.
 FLUSH_S = 10.0
 
 
@@ -251,7 +259,15 @@ class Appender:
     """Appends text to one file: at once locally, by whole-file rewrites on a URL.
 
     On a URL the file's text is kept here (read once, at the first flush), so one
-    process must own the file, as process 0 owns a run folder's files.
+    process must own the file, as process 0 owns a run folder's files: lines another
+    process appends to it meanwhile (``clipctl eval`` recording results in the folder
+    of a run that trains) are lost at this one's next rewrite. Locally every append
+    goes to the end of the file, so there they all stay.
+
+    A rewrite that an append brings about and that fails (a transient store error) is
+    one warning on the ``clip_jax.storage`` logger, and is tried again ``flush_s``
+    later with everything still pending: tracking never kills the training it records.
+    ``flush()`` called directly raises, so its caller knows the lines are not there.
     """
 
     def __init__(self, target: StoragePath, flush_s: float = FLUSH_S):
@@ -259,6 +275,7 @@ class Appender:
         self._pending: list[str] = []
         self._text: str | None = None
         self._flushed = float("-inf")  # the first append is written at once
+        self._failing = False  # the last rewrite failed: warned once, until one succeeds
         if isinstance(target, UrlPath):
             _unflushed.add(self)
 
@@ -269,7 +286,25 @@ class Appender:
             return
         self._pending.append(text)
         if time.monotonic() - self._flushed >= self.flush_s:
+            self.flush_or_warn()
+
+    def flush_or_warn(self) -> bool:
+        """``flush()``, with a failure as one warning (the lines stay pending and the next
+        try waits ``flush_s``); whether the lines are written."""
+        try:
             self.flush()
+        except OSError as exc:  # StorageError is one; so is a FileNotFoundError (bucket)
+            self._flushed = time.monotonic()  # no retry per append: the store is unwell
+            if not self._failing:
+                self._failing = True
+                _log.warning(
+                    "could not write %s (%s); trying again in %gs, nothing is lost yet",
+                    self.target,
+                    exc,
+                    self.flush_s,
+                )
+            return False
+        return True
 
     def flush(self) -> None:
         """Write what is pending (on a URL; local appends are written at once)."""
@@ -280,10 +315,12 @@ class Appender:
                 self._text = self.target.read_text(errors="replace")
             except FileNotFoundError:
                 self._text = ""
-        self._text += "".join(self._pending)
-        self.target.write_text(self._text)
+        text = self._text + "".join(self._pending)
+        self.target.write_text(text)  # may raise: then nothing here has changed
+        self._text = text
         self._pending.clear()
         self._flushed = time.monotonic()
+        self._failing = False
 
     def reset(self) -> None:
         """Forget the kept text: the file was rewritten by other means (truncated)."""

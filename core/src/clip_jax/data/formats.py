@@ -47,13 +47,16 @@ class RecordFormat(Protocol):
         ...
 
 
-def open_shard(path: str):
-    """A binary file object for a local path (buffered) or any tf.io.gfile URL (gs://)."""
+def open_shard(path: str, mode: str = "rb"):
+    """A binary file object (``mode`` "rb" or "wb") for a local path (buffered) or any
+    tf.io.gfile URL (gs://): how every format reads and writes its shards."""
+    if mode not in ("rb", "wb"):
+        raise ValueError(f"open_shard: mode {mode!r} is neither 'rb' nor 'wb'")
     if "://" in path:
         from clip_jax.data.tf_setup import import_tf
 
-        return import_tf().io.gfile.GFile(path, "rb")
-    return open(path, "rb", buffering=1 << 20)  # noqa: SIM115 (closed by the caller)
+        return import_tf().io.gfile.GFile(path, mode)
+    return open(path, mode, buffering=1 << 20)  # noqa: SIM115 (closed by the caller)
 
 
 def example_bytes(features: dict[str, bytes | int]) -> bytes:
@@ -105,7 +108,7 @@ def record_format(name: str) -> RecordFormat:
             "a data source plugin that is not installed may provide it",
             key="--format",
         )
-    found = known[name].weight_format(name)
+    found = known[name].load_format(name)
     if not isinstance(found, RecordFormat):
         raise UserError(f"{known[name].formats[name]} is not a record format", key="--format")
     return found

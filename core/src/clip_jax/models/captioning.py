@@ -7,13 +7,12 @@ the targets are the captions exactly as the text tower reads them, padding exclu
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from clip_jax.aux_terms import AuxTerm, CaptioningOptions
+from clip_jax.errors import UserError
 from clip_jax.models.decoder import CaptionDecoder, greedy_decode, teacher_inputs
 from clip_jax.models.layers import DTYPES, BlockConfig
 
@@ -101,14 +100,21 @@ def captioning(options: CaptioningOptions, spec) -> AuxTerm:
     return AuxTerm("captioning", module, options.weight)
 
 
-@functools.cache  # one compilation per model, however many evaluations
-def greedy_captioner(model: nn.Module, eos_id: int, max_length: int | None = None):
+def greedy_captioner(model: nn.Module, tokenizer, max_length: int | None = None):
     """jit-compiled ``(params, images) -> caption tokens`` of a model trained with the
-    ``captioning`` term (its ``aux``), or None when it has none."""
+    ``captioning`` term (its ``aux``), or None when it has none. Build it once and keep
+    it: each build compiles anew. The tokenizer must say where a caption ends
+    (``eos_id``) and turn ids back into text (``decode``)."""
     term = (model.aux or {}).get("captioning")
     if term is None:
         return None
+    if not (hasattr(tokenizer, "eos_id") and hasattr(tokenizer, "decode")):
+        raise UserError(
+            f"tokenizer.name: the {type(tokenizer).__name__} tokenizer has no eos_id and "
+            "decode, which reading the captioning term's captions needs"
+        )
     length = max_length or term.max_length
+    eos_id = tokenizer.eos_id
 
     def decode(params, images_BxHxWxC):
         image_BxNxE = model.apply({"params": params}, images_BxHxWxC, method="image_tokens")

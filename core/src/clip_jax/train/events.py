@@ -8,8 +8,10 @@ is one more subscriber with the ``on_<event>`` methods it needs, wrapped in ``To
 so that a tracker's failure costs the run one warning, never the run.
 
 ``reported`` wraps a whole run: whatever way it ends (finished, Ctrl-C or a stop request,
-an error), exactly one of ``on_finish``, ``on_stop`` or ``on_failure`` has reached the
-subscribers, so status.json is never left saying "running".
+an error), ``on_finish``, ``on_stop`` or ``on_failure`` has reached the subscribers, so
+status.json is never left saying "running". One of them, except that a stop can be
+followed by a failure (an error while the run stops: the failure is then the record):
+a subscriber that closes something on these events must close it idempotently.
 """
 
 from __future__ import annotations
@@ -83,6 +85,13 @@ class RunFolderWriter(Subscriber):
         if results:
             record = {"step": step, "split": "validation", **results, "time": time.time()}
             self.folder.append_metrics(record)
+        self.folder.flush()  # on a URL: an evaluation is worth a write of its own
+
+    def on_checkpoint(self, step: int) -> None:
+        # On a URL the records up to a checkpoint are written with it: a resume keeps
+        # those (truncate_metrics) and trains only what came after, so a record still
+        # pending at a crash would be a gap for good.
+        self.folder.flush()
 
     def on_rollback(self, step: int, to_step: int) -> None:
         self.folder.truncate_metrics(to_step)  # those steps are trained again

@@ -34,8 +34,14 @@ from clip_jax.train.state import create_state, make_encoders, make_train_step, s
 
 
 def run_evaluation(
-    comps: Components, params: Any, tokenizer, encoders: tuple[Callable, Callable]
+    comps: Components,
+    params: Any,
+    tokenizer,
+    encoders: tuple[Callable, Callable],
+    captioner: Callable | None = None,
 ) -> dict:
+    """The run's validation split through the evaluators; ``captioner``: a captioning
+    term's greedy decoder (``greedy_captioner``), whose captions are scored too."""
     spec, source = comps.spec, comps.data
     if not source.validation_files:
         return {}
@@ -50,9 +56,8 @@ def run_evaluation(
         else:
             head_scores = lambda batch: classify(batch.images)
     caption_images = None
-    decode = greedy_captioner(comps.model, getattr(tokenizer, "eos_id", -1))
-    if decode is not None:  # a captioning term: how well its decoder captions
-        captions_of = padded_encoder(decode, params, size)
+    if captioner is not None:  # a captioning term: how well its decoder captions
+        captions_of = padded_encoder(captioner, params, size)
         caption_images = lambda images: tokenizer.decode(captions_of(images))  # noqa: E731
     dataset = pipeline.make_dataset(
         source.validation_files,
@@ -261,8 +266,9 @@ def _train(
         guard=spec.train.spike,
     )
     encoders = make_encoders(comps.model)
+    captioner = greedy_captioner(comps.model, tokenizer)  # built once: it compiles
     evaluate = lambda step, state: _evaluate(
-        comps, folder, events, step, state, tokenizer, encoders
+        comps, folder, events, step, state, tokenizer, (encoders, captioner)
     )  # noqa: E731
     loop = TrainLoop(comps, events, checkpoints, tokenizer, evaluate, restore, _rollbacks(folder))
     loops.append(loop)
@@ -276,11 +282,12 @@ def _rollbacks(folder: RunFolder) -> int:
     return int(train[-1].get("guard/rollbacks", 0)) if train else 0
 
 
-def _evaluate(comps, folder, events, step, state, tokenizer, encoders) -> dict[str, Any]:
+def _evaluate(comps, folder, events, step, state, tokenizer, compiled) -> dict[str, Any]:
     # Multi-process: every process helps gather the parameters; process 0 evaluates.
     params = distributed.to_host(state["params"])
     if not folder.writable:
         return {}
-    results = run_evaluation(comps, params, tokenizer, encoders)
+    encoders, captioner = compiled
+    results = run_evaluation(comps, params, tokenizer, encoders, captioner)
     events.emit("eval", step, results)  # its time: the next record's time/eval_s
     return results

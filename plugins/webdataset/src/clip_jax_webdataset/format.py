@@ -14,7 +14,7 @@ import json
 import tarfile
 from collections.abc import Iterable, Iterator
 
-from clip_jax.data.formats import Example, example_bytes
+from clip_jax.data.formats import Example, example_bytes, open_shard
 from clip_jax_webdataset import tar_records
 
 LABEL_EXTENSION = "cls"  # webdataset's convention for an integer class id, as text
@@ -63,7 +63,7 @@ class WebdatasetFormat:
                     info.size, info.mode = len(payload), 0o644
                     tar.addfile(info, io.BytesIO(payload))
                 count += 1
-        with _open_for_writing(path) as file:
+        with open_shard(path, "wb") as file:
             file.write(buffer.getvalue())
         return count
 
@@ -73,14 +73,6 @@ def _integer(text: bytes) -> int | None:
         return int(text.strip())
     except ValueError:
         return None
-
-
-def _open_for_writing(path: str):
-    if "://" in path:
-        from clip_jax.data.tf_setup import import_tf
-
-        return import_tf().io.gfile.GFile(path, "wb")
-    return open(path, "wb")  # noqa: SIM115 (closed by the caller)
 
 
 WEBDATASET = WebdatasetFormat()
