@@ -2,6 +2,7 @@
 loggers, the wandb plugin (offline), and trackers that fail without stopping a run."""
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -158,16 +159,22 @@ def test_a_failing_subscriber_warns_once_and_is_switched_off():
     assert messages[0].startswith("warning: ")
 
 
-def test_jsonl_logger_writes_the_run_folder(tmp_path):
+def test_the_jsonl_logger_is_a_name_not_a_second_writer():
+    """The trainer's RunFolderWriter keeps the run folder; a second writer on a URL
+    folder would be a second Appender, and the two would overwrite each other's lines."""
+    import uuid
+
     from clip_jax.train.loggers import RunContext, jsonl_logger
 
-    run = RunContext("x", tmp_path, {}, 10)
-    logger = jsonl_logger(None, run)
-    logger.on_step(5, {"loss": 2.0})
+    url = f"ram://clip-jax-tests/{uuid.uuid4().hex}"
+    folder = RunFolder(url)
+    folder.write_spec("")
+    folder.append_metrics({"step": 5, "split": "train"})  # the trainer's writer
+    logger = jsonl_logger(None, RunContext("x", folder.path, {}, 10))
+    logger.on_step(6, {"loss": 2.0})
     logger.on_finish(10, {})
-    folder = RunFolder(tmp_path)
-    assert [(r["step"], r["loss"]) for r in folder.metrics()] == [(5, 2.0)]
-    assert folder.status()["state"] == "finished"
+    assert [r["step"] for r in RunFolder(url).metrics()] == [5]  # it wrote nothing
+    assert not (folder.path / "status.json").exists()
 
 
 def test_loggers_can_change_when_a_run_resumes(tmp_path):
@@ -259,12 +266,53 @@ def test_quickstart_logs_to_tensorboard_and_offline_wandb(small_run, tmp_path, m
     run_id = (tmp_path / "run" / "wandb-run-id").read_text().strip()
     assert runs[0].name.endswith(run_id)
     history, config = wandb_run_file(runs[0] / f"run-{run_id}.wandb")
-    assert [row["_step"] for row in history] == [5, 10]
-    assert history[-1]["train/loss"] == pytest.approx(train[-1]["loss"], rel=1e-6)
+    assert [row["trainer/step"] for row in history] == [5, 10, 10]  # train, train, eval
+    assert history[1]["train/loss"] == pytest.approx(train[-1]["loss"], rel=1e-6)
     assert history[-1][f"eval/{eval_keys[0]}"] == pytest.approx(final[eval_keys[0]])
     assert config["train"]["steps"] == 10  # the resolved spec
     assert config["parameters"]["total"] == total
     assert config["machine"]["devices"] == 8
+
+
+@pytest.mark.slow
+def test_steps_trained_again_reach_wandb_and_tensorboard(tmp_path, monkeypatch):
+    """After a guard rollback (or a resume) steps come again: W&B's own step would drop
+    them; both trackers log them, and mark the rollback."""
+    from clip_jax.schemas import TensorBoardOptions
+    from clip_jax.train.loggers import RunContext, tensorboard_logger
+    from clip_jax_wandb.logger import wandb_logger
+    from clip_jax_wandb.options import WandbOptions
+
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # files in the run folder (dir=)
+    run = RunContext("again", tmp_path, {}, 4)
+    trackers = [
+        wandb_logger(WandbOptions(mode="offline", project="clip-jax-tests"), run),
+        tensorboard_logger(TensorBoardOptions(), run),
+    ]
+    wandb_dir = Path(trackers[0].run.dir).parent  # .../offline-run-<time>-<id>/files
+    events = Events(trackers)
+    for step in (1, 2, 3):
+        events.emit("step", step, {"loss": float(step)})
+    events.emit("rollback", 3, 1)
+    for step in (2, 3):
+        events.emit("step", step, {"loss": step / 10})
+    events.emit("eval", 3, {"accuracy": 0.5})
+    events.emit("finish", 3, {})
+    import wandb
+
+    wandb.teardown()  # finish() may return before wandb's service has written the file
+
+    (run_file,) = wandb_dir.glob("run-*.wandb")
+    history, _ = wandb_run_file(run_file)
+    train = [(r["trainer/step"], r["train/loss"]) for r in history if "train/loss" in r]
+    assert train == [(1, 1.0), (2, 2.0), (3, 3.0), (2, 0.2), (3, pytest.approx(0.3))]
+    assert {"trainer/step": 1, "guard/rollback_from": 3.0}.items() <= history[3].items()
+    assert history[-1]["eval/accuracy"] == 0.5
+
+    logged = tensorboard_events(tmp_path / "tensorboard")
+    assert [step for step, _ in logged["train/loss"]] == [1, 2, 3, 2, 3]
+    assert logged["guard/rollback_from"] == [(1, 3.0)]
+    assert logged["run/guard"] == [(1, "rollback: steps 2..3 again")]
 
 
 def wandb_run_file(path):

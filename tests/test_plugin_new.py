@@ -9,6 +9,7 @@ project venv is never changed, and nothing is downloaded.
 from __future__ import annotations
 
 import ast
+import csv
 import json
 import os
 import shutil
@@ -48,7 +49,14 @@ def test_names_come_from_NAME():
     assert PluginNames.from_name("MyLoss_2").component == "myloss_2"
 
 
-@pytest.mark.parametrize("name", ["../evil", "a b", "x;touch PWNED", "1loss", "clip_jax", "class"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../evil", "a b", "x;touch PWNED", "1loss", "clip_jax", "class",
+        "clip-jax-2d",  # class 2dOptions would be a SyntaxError
+        "jax", "json", "numpy", "clip-jax-wandb",  # installed modules: one shadows the other
+    ],
+)  # fmt: skip
 def test_a_bad_name_exits_2_and_writes_nothing(tmp_path, name):
     result = new(name, "--kind", "loss", "--dir", str(tmp_path))
     assert result.exit_code == 2, result.output
@@ -91,6 +99,40 @@ def test_each_kind_writes_a_complete_package(tmp_path, kind):
     assert HOOKS[kind] in functions
     assert "CLIP_JAX_HOOKSPEC" in hook_module.read_text()
     assert "clip-jax-mine" in (root / "README.md").read_text()
+
+
+def test_the_generated_logger_writes_a_url_run_folder(tmp_path, monkeypatch):
+    """The scaffold teaches clip_jax.storage: a gs:// run folder (ram:// here, served by
+    the same tf.io.gfile) must not become a local folder "gs:"."""
+    import uuid
+
+    from clip_jax.train.loggers import RunContext
+
+    assert new("clip-jax-csvurl", "--kind", "logger", "--dir", str(tmp_path)).exit_code == 0
+    monkeypatch.syspath_prepend(str(tmp_path / "clip-jax-csvurl" / "src"))
+    monkeypatch.chdir(tmp_path)  # where Path("ram://...") would have written
+    import clip_jax_csvurl
+    from clip_jax_csvurl.logger import build
+
+    try:
+        url = f"ram://clip-jax-tests/{uuid.uuid4().hex}"
+        run = RunContext(name="t", folder=url, spec={}, steps=2)
+        logger = build(clip_jax_csvurl.CsvurlOptions(keys=["loss"]), run)
+        logger.on_step(1, {"loss": 2.5})
+        logger.on_step(2, {"loss": 2.25})
+        logger.on_finish(2, {})
+        from clip_jax import storage
+
+        text = storage.path(f"{url}/metrics.csv").read_text()
+        assert list(csv.reader(text.splitlines())) == [
+            ["step", "loss"],
+            ["1", "2.5"],
+            ["2", "2.25"],
+        ]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["clip-jax-csvurl"]
+    finally:
+        for name in [m for m in sys.modules if m.startswith("clip_jax_csvurl")]:
+            del sys.modules[name]
 
 
 def layered_venv(path: Path) -> Path:

@@ -45,7 +45,10 @@ def test_editor_screen_with_an_invalid_value(snap_compare, app):
     assert snap_compare(app, terminal_size=SIZE, run_before=edit)
 
 
-def test_launch_screen(snap_compare, app):
+def test_launch_screen(snap_compare, app, monkeypatch):
+    # the estimate (a subprocess compiling the train step) is tested in test_tui
+    monkeypatch.setattr(LaunchScreen, "estimate_memory", lambda self: None)
+
     async def open_launch(pilot):
         from clip_jax.spec import to_dict, validate
         from clipctl.spec_edit import as_dict, load_document

@@ -88,6 +88,24 @@ def test_tar_members_group_into_examples_that_resume_at_their_offsets(tmp_path):
         assert list(examples(str(path), offset)) == got[j + 1 :]
 
 
+def test_damage_at_a_header_keeps_the_complete_example_before_it(tmp_path):
+    """The next example's first header corrupt or cut: the example before it was read
+    whole and is yielded before the error; a cut inside a member's data loses its
+    example only."""
+    path = tmp_path / "00000.tar"
+    WEBDATASET.write_shard(str(path), [example(4, 0), example(4, 1)])
+    second = next(examples(str(path)))[2]  # the second example's first header
+    data = path.read_bytes()
+    corrupt = data[:second] + b"\x00garbage" + data[second + 9 :]
+    for damaged in (corrupt, data[: second + 300], data[: second + 512 + 10]):
+        path.write_bytes(damaged)
+        got = []
+        with pytest.raises(ShardError):
+            for key, _, after in examples(str(path)):
+                got.append((key, after))
+        assert got == [(example(4, 0)[0], second)], len(damaged)  # never the cut one
+
+
 def test_records_are_the_examples_a_tfrecord_holds_and_gfile_paths_work():
     """Through tf.io.gfile (ram://, as gs:// would be): the format's records parse as
     tf.train.Examples with the tfrecord writer's features, the label as an int."""

@@ -2,8 +2,8 @@
 
 Called as ``python worker.py run SPEC.toml ARGS...`` through the fake ssh/gcloud, it
 writes what reached it (argv and the spec file's text) to $FAKE_WORKER_DIR, then as
-$FAKE_WORKER_MODE says: ``exit`` at once (0), or ``wait`` until SIGTERM and exit 130 the
-way a stopped trainer does.
+$FAKE_WORKER_MODE says: ``exit`` at once (0), ``wait`` until SIGTERM and exit 130 the
+way a stopped trainer does, or ``stubborn``: ignore SIGTERM (only SIGKILL ends it).
 """
 
 import json
@@ -22,13 +22,15 @@ def stopped(signum, frame):
     sys.exit(130)
 
 
-signal.signal(signal.SIGTERM, stopped)  # first: a stop may come at any time
+# first: a stop may come at any time
+stubborn = os.environ.get("FAKE_WORKER_MODE") == "stubborn"
+signal.signal(signal.SIGTERM, signal.SIG_IGN if stubborn else stopped)
 record = out / f"worker-{os.getpid()}.json"
-spec = Path(sys.argv[2]).read_text()
-record.write_text(
-    json.dumps({"pid": os.getpid(), "argv": sys.argv[1:], "spec": spec, "cwd": os.getcwd()})
-)
+spec_file = Path(sys.argv[2])
+mode = spec_file.stat().st_mode & 0o777
+facts = {"pid": os.getpid(), "argv": sys.argv[1:], "spec": spec_file.read_text(), "mode": mode}
+record.write_text(json.dumps({**facts, "cwd": os.getcwd()}))
 print(f"worker {os.getpid()} started", flush=True)
-if os.environ.get("FAKE_WORKER_MODE", "exit") == "wait":
+if os.environ.get("FAKE_WORKER_MODE", "exit") in ("wait", "stubborn"):
     time.sleep(120)
     sys.exit(1)  # never stopped: the test fails on this exit code

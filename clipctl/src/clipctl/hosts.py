@@ -23,25 +23,34 @@ shell reads the same way). Locally nothing runs through a shell.
 
 from __future__ import annotations
 
-import json
+import base64
 import os
 import re
 import shlex
 import signal
 import subprocess
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clip_jax import storage
 from clip_jax.errors import UserError
-from clip_jax.run_folder import HOSTS
+from clip_jax.run_folder import HOSTS, hosts_at_work, read_hosts
 
 HOSTS_FILE = HOSTS  # in the run folder: the plan, the launcher's pid, the workers
 HOSTS_DIR = "hosts"  # in the run folder: worker-<i>.log, and slurm's script
 DEFAULT_PORT = 8476  # the coordinator's port when distributed.coordinator names none
 REMOTE_ENV = "CLIPCTL_REMOTE"  # the clipctl command on the hosts (default: clipctl)
 KINDS = ("tpu", "ssh", "slurm")
+# One argument of a command line may hold at most 128 KiB on Linux (MAX_ARG_STRLEN), here
+# and in the host's sshd: a longer remote command is refused before anything starts.
+MAX_REMOTE_COMMAND = 120_000
+# A host that stops answering is given up after 30 s x 4 (the local ssh then exits 255).
+KEEPALIVE = ("-o", "ServerAliveInterval=30", "-o", "ServerAliveCountMax=4")
+COMMAND_TIMEOUT_S = 60.0  # a stop or kill command that takes longer did not get through
+_SSH_HOST = re.compile(r"([A-Za-z0-9._-]+@)?([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])")
 
 
 class HostsError(UserError):
@@ -92,8 +101,11 @@ def parse_hosts(text: str) -> HostPlan:
         return HostPlan("tpu", tpu=name, zone=zone or None)
     if kind == "ssh":
         hosts = tuple(h.strip() for h in rest.split(","))
-        if not rest or not all(_plain(h) for h in hosts):
-            raise HostsError(f"{text!r}: write ssh:HOST1,HOST2,... (the first host coordinates)")
+        if not rest or not all(_plain(h) and _SSH_HOST.fullmatch(h) for h in hosts):
+            raise HostsError(
+                f"{text!r}: write ssh:HOST1,HOST2,... (the first host coordinates); a host "
+                "is HOST or USER@HOST, without a port (set one in ~/.ssh/config)"
+            )
         return HostPlan("ssh", hosts=hosts)
     if kind == "slurm":
         if rest and not (rest.isdigit() and int(rest) > 0):
@@ -115,7 +127,10 @@ def _plain(word: str) -> bool:
 def remote_clipctl() -> list[str]:
     """The words that run clipctl on a host: ``CLIPCTL_REMOTE`` (e.g. a venv's
     ``/home/me/venv/bin/clipctl``), split like a shell would, or ``clipctl``."""
-    return shlex.split(os.environ.get(REMOTE_ENV, "")) or ["clipctl"]
+    try:
+        return shlex.split(os.environ.get(REMOTE_ENV, "")) or ["clipctl"]
+    except ValueError as exc:  # an unclosed quote
+        raise UserError(f"{REMOTE_ENV}: cannot split it into words ({exc})") from None
 
 
 def distributed_overrides(plan: HostPlan, index: int, port: int) -> list[str]:
@@ -132,46 +147,85 @@ def distributed_overrides(plan: HostPlan, index: int, port: int) -> list[str]:
     ]
 
 
+def shell_neutral(script: str) -> str:
+    """The one line a login shell gets: ``script`` runs in ``sh``, whatever that shell is."""
+    encoded = base64.b64encode(script.encode()).decode()
+    return f"echo {encoded} | base64 -d | sh"
+
+
 def remote_command(
     spec_toml: str, workdir: str, files: str, args: Sequence[str], force: bool = False
 ) -> str:
-    """The shell line a host runs: write the resolved spec, record the pid, become clipctl.
+    """What a host runs: write the resolved spec (0600), start clipctl and record its pid.
 
-    ``files`` is the host's path prefix for this launch's spec and pid files. ``exec``
-    keeps the shell's pid for clipctl, so ``kill -TERM $(cat PIDFILE)`` reaches the
-    trainer, which saves a checkpoint and exits 130. Every word is quoted.
+    ``files`` is the host's path prefix for this launch's spec and pid files; ``sh``
+    stays clipctl's parent and removes them when it exits, so a stale pid file does not
+    outlive the run. ``kill -TERM $(cat PIDFILE)`` reaches the trainer, which saves a
+    checkpoint and exits 130 (``signal_command``).
     """
     q = shlex.quote
-    command = ["env", "PYTHONUNBUFFERED=1", *remote_clipctl(), "run", f"{files}.toml", *args]
+    spec, pid = files + ".toml", files + ".pid"
+    command = ["env", "PYTHONUNBUFFERED=1", *remote_clipctl(), "run", spec, *args]
     if force:
         command.append("--force")
-    return (
-        f"cd {q(workdir)} && printf %s {q(spec_toml)} > {q(files + '.toml')} && "
-        f"echo $$ > {q(files + '.pid')} && exec {shlex.join(command)}"
+    cleanup = f"rm -f {q(spec)} {q(pid)} {q(pid + '.stopping')}"
+    script = "\n".join(
+        [
+            f"cd {q(workdir)} || exit 2",
+            "umask 077",  # the spec (its tracker settings...) is for this user only
+            f"trap {q(cleanup)} EXIT",
+            f"printf %s {q(spec_toml)} > {q(spec)} || exit 2",
+            f"{shlex.join(command)} < /dev/null &",
+            f"echo $! > {q(pid)}",
+            "wait $!",
+            "",
+        ]
     )
+    line = shell_neutral(script)
+    if len(line) > MAX_REMOTE_COMMAND:
+        raise UserError(
+            f"the resolved spec is too long to send to the hosts in one command "
+            f"({len(spec_toml)} characters; about {MAX_REMOTE_COMMAND * 3 // 4} fit): "
+            "shorten it (long lists belong in files the spec names)"
+        )
+    return line
 
 
 def signal_command(files: str, signal_name: str) -> str:
-    """The shell line that signals the clipctl a host started (through its pid file).
+    """What signals the clipctl a host started, through its pid file.
 
-    SIGTERM is sent once per host: the pid file is renamed as it is used, so asking
-    again (gcloud reaches every worker, and some may not have started yet) never hits
-    a trainer a second time while it saves its checkpoint. SIGKILL takes either name.
+    Only a process whose command line names this launch's spec file is signalled: a pid
+    file left behind never reaches an unrelated process that reused the pid. SIGTERM is
+    sent once per host: the pid file is renamed as it is used, so asking again (gcloud
+    reaches every worker, and some may not have started yet) never hits a trainer a
+    second time while it saves its checkpoint. SIGKILL takes either name.
     """
-    pid, sent = shlex.quote(files + ".pid"), shlex.quote(files + ".pid.stopping")
+    q = shlex.quote
+    spec, pid, sent = q(files + ".toml"), q(files + ".pid"), q(files + ".pid.stopping")
+    ours = f'grep -qaF -- {spec} "/proc/$p/cmdline" 2>/dev/null'
     if signal_name == "KILL":
-        return f'for f in {pid} {sent}; do test -f "$f" && kill -KILL "$(cat "$f")"; done; true'
-    return f'test -f {pid} && mv -f {pid} {sent} && kill -{signal_name} "$(cat {sent})"'
+        script = (
+            f'for f in {pid} {sent}; do test -f "$f" && p=$(cat "$f") && {ours} '
+            '&& kill -KILL "$p"; done; true'
+        )
+    else:
+        script = (
+            f"test -f {pid} && p=$(cat {pid}) && {ours} && mv -f {pid} {sent} "
+            f'&& kill -{signal_name} "$p"'
+        )
+    return shell_neutral(script + "\n")
 
 
 def ssh_argv(host: str, command: str) -> list[str]:
-    """``ssh`` that never prompts (BatchMode) and gives the remote shell ``command``."""
-    return ["ssh", "-o", "BatchMode=yes", host, command]
+    """``ssh`` that never prompts (BatchMode), gives up on a silent host, runs ``command``."""
+    return ["ssh", "-o", "BatchMode=yes", *KEEPALIVE, host, command]
 
 
 def gcloud_argv(plan: HostPlan, command: str) -> list[str]:
-    """``gcloud ... tpu-vm ssh --worker=all``: the same command on every worker."""
+    """``gcloud ... tpu-vm ssh --worker=all``: the same command on every worker, with no
+    prompt (``--quiet``) and the same keep-alive as plain ssh."""
     zone = ["--zone", plan.zone] if plan.zone else []
+    keepalive = [f"--ssh-flag={KEEPALIVE[i]} {KEEPALIVE[i + 1]}" for i in (0, 2)]
     return [
         "gcloud",
         "compute",
@@ -181,6 +235,8 @@ def gcloud_argv(plan: HostPlan, command: str) -> list[str]:
         plan.tpu or "",
         *zone,
         "--worker=all",
+        "--quiet",
+        *keepalive,
         "--command",
         command,
     ]
@@ -195,7 +251,7 @@ def worker_files(plan: HostPlan, launch_id: str) -> list[tuple[str, str, str]]:
 
 
 def reach(plan: HostPlan, host: str, command: str) -> list[str]:
-    """The argv that runs a shell ``command`` on ``host`` (for tpu: on every worker)."""
+    """The argv that runs a remote ``command`` on ``host`` (for tpu: on every worker)."""
     return gcloud_argv(plan, command) if plan.kind == "tpu" else ssh_argv(host, command)
 
 
@@ -217,13 +273,17 @@ def sbatch_argv(script: str, logs: str) -> list[str]:
     return ["sbatch", "--parsable", f"--output={logs}/sbatch.log", script]
 
 
-def slurm_script(plan: HostPlan, spec_file: str, workdir: str, logs: str) -> str:
+def slurm_script(
+    plan: HostPlan, spec_file: str, workdir: str, logs: str, force: bool = False
+) -> str:
     """The sbatch script: one task per node, each ``clipctl run`` with JAX reading its
     peers from srun's environment (``distributed.mode=auto``). Slurm clusters share a
     filesystem, so the resolved spec is a file in the run folder (``spec_file``)."""
     q = shlex.quote
     nodes = [f"#SBATCH --nodes={plan.nodes}"] if plan.nodes else []
     command = [*remote_clipctl(), "run", spec_file, *distributed_overrides(plan, 0, 0)]
+    if force:
+        command.append("--force")
     return "\n".join(
         [
             "#!/bin/bash",
@@ -246,11 +306,32 @@ def coordinator_port(coordinator: str | None) -> int:
     return int(port) if port.isdigit() else DEFAULT_PORT
 
 
+# ------------------------------------------------------------- running short commands
+def quiet_run(argv: list[str], timeout: float = COMMAND_TIMEOUT_S) -> int:
+    """Run a short stop/kill command; its exit code (-1 when it could not run in time)."""
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return -1
+    return done.returncode
+
+
+def run_all(commands: Sequence[list[str]]) -> list[int]:
+    """``quiet_run`` every command at once (one slow host does not delay the others)."""
+    if not commands:
+        return []
+    with ThreadPoolExecutor(max_workers=min(len(commands), 32)) as pool:
+        return list(pool.map(quiet_run, commands))
+
+
 # ------------------------------------------------------------- the run folder's record
 def write_record(
     run_dir: Path, hosts_text: str, launch_id: str, found: list[Worker], **fields: Any
 ) -> None:
-    """``hosts.json``: what `clipctl stop` and the runs screen need to reach every host."""
+    """``hosts.json``: what `clipctl stop` and the runs screen need to reach every host
+    (read back by ``clip_jax.run_folder.read_hosts``)."""
+    import json
+
     record = {
         "hosts": hosts_text,
         "launch_id": launch_id,
@@ -258,19 +339,7 @@ def write_record(
         "workers": [{"label": w.label, "host": w.host, "log": w.log_name} for w in found],
         **fields,
     }
-    path = run_dir / HOSTS_FILE
-    tmp = path.with_name(f".{HOSTS_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def read_record(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's ``hosts.json`` (None for a single-host run or an unreadable file)."""
-    try:
-        record = json.loads((Path(run_dir) / HOSTS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    storage.write_atomic(storage.path(run_dir) / HOSTS_FILE, json.dumps(record, indent=2) + "\n")
 
 
 def stop_hosts(run_dir: str | Path) -> bool:
@@ -278,11 +347,11 @@ def stop_hosts(run_dir: str | Path) -> bool:
 
     The launcher supervising the workers gets SIGTERM and asks each host to stop (its
     pid file), so the trainers save one checkpoint together. Where the launcher is gone
-    (killed), the hosts are asked directly. A Slurm job is signalled through
+    (killed), the hosts are asked directly, all at once. A Slurm job is signalled through
     ``scancel`` (srun passes SIGTERM on to every task). Nothing read from hosts.json
     runs as a command: the plan is parsed again and the commands are rebuilt.
     """
-    record = read_record(run_dir)
+    record = read_hosts(run_dir)
     if record is None or record.get("ended"):
         return False
     try:
@@ -290,12 +359,10 @@ def stop_hosts(run_dir: str | Path) -> bool:
     except HostsError:
         return False
     if plan.kind == "slurm":
-        job = str(record.get("job_id", ""))
-        if not job.isdigit():
+        if not hosts_at_work(record):  # the job is over: nothing to cancel
             return False
-        subprocess.run(["scancel", "--signal=TERM", job], check=False, stdin=subprocess.DEVNULL)
-        return True
-    if launcher_alive(run_dir):
+        return quiet_run(["scancel", "--signal=TERM", str(record["job_id"])]) == 0
+    if hosts_at_work(record):
         try:
             os.kill(record["launcher_pid"], signal.SIGTERM)
             return True
@@ -304,22 +371,11 @@ def stop_hosts(run_dir: str | Path) -> bool:
     launch_id = str(record.get("launch_id", ""))
     if not re.fullmatch(r"[0-9a-f]{12}", launch_id):
         return False
-    reached = False
-    for _, host, files in worker_files(plan, launch_id):
-        command = reach(plan, host, signal_command(files, "TERM"))
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
-        reached |= done.returncode == 0
-    return reached
-
-
-def launcher_alive(run_dir: str | Path) -> bool:
-    """Whether the `clipctl run --hosts` that supervises this run is still running here."""
-    from clip_jax.run_folder import owns_run
-
-    record = read_record(run_dir)
-    if record is None or record.get("ended"):
-        return False
-    return owns_run(record.get("launcher_pid"), record.get("started"))
+    commands = [
+        reach(plan, host, signal_command(files, "TERM"))
+        for _, host, files in worker_files(plan, launch_id)
+    ]
+    return any(code == 0 for code in run_all(commands))
 
 
 def on_tpu_vm(dev: str | Path = "/dev", environ: dict[str, str] | None = None) -> bool:

@@ -6,8 +6,10 @@ running or holds another spec's run. Then this process stays in the foreground a
 run's supervisor: each worker's output goes to ``<run_dir>/hosts/worker-<i>.log`` and to
 the console with a ``[worker i]`` prefix; ``hosts.json`` records the plan and this
 process's pid, so ``clipctl stop RUN`` (SIGTERM here) or Ctrl-C asks every host to stop
-gracefully through its pid file. When a worker fails, the others are stopped and the run
-is marked failed with that worker's error. Slurm runs are submitted and left to Slurm.
+gracefully through its pid file; a host that has not stopped ``CLIPCTL_STOP_GRACE_S``
+seconds later (default 180: it saves a checkpoint first) gets SIGKILL. When a worker
+fails, the others are stopped and the run is marked failed with that worker's error.
+Slurm runs are submitted and left to Slurm.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ from clipctl.errors import CommandFailed
 from clipctl.spec_args import load
 
 EXIT_INTERRUPTED = 130
+EXIT_SSH_FAILED = 255  # ssh's (and gcloud's) own failure: the host's state is unknown
+GRACE_ENV = "CLIPCTL_STOP_GRACE_S"
 STOP_GRACE_S = 180.0  # a stopping run saves a checkpoint first; then the hosts get SIGKILL
+KILL_MARGIN_S = 30.0  # after the SIGKILLs, local ssh/gcloud still running are killed
+ABANDON_S = 30.0  # after an error here, how long the started hosts are asked to stop
 RETRY_S = 2.0  # a host whose pid file is not written yet is asked again after this
 
 
@@ -66,9 +72,22 @@ def run_on_hosts(
             click.echo(shlex.join(worker.argv))
         return
     _require(plan.program)
+    grace = stop_grace_s()
     if _already_finished(resolved, force):
         return
-    Supervisor(run_dir, hosts_text, launch_id, found, resolved.train.steps).run()
+    Supervisor(run_dir, hosts_text, launch_id, found, resolved.train.steps, grace).run()
+
+
+def stop_grace_s() -> float:
+    """Seconds a stopping host has to save its checkpoint (``CLIPCTL_STOP_GRACE_S``)."""
+    text = os.environ.get(GRACE_ENV, "").strip()
+    try:
+        grace = float(text) if text else STOP_GRACE_S
+    except ValueError:
+        grace = -1.0
+    if not grace >= 0:  # also NaN
+        raise UserError(f"{GRACE_ENV}={text!r}: write a number of seconds (e.g. 300)")
+    return grace
 
 
 def _require(program: str) -> None:
@@ -84,11 +103,13 @@ def _require(program: str) -> None:
 def _already_finished(resolved: Any, force: bool) -> bool:
     """Refuse a folder that is busy or holds another spec's run; True when this spec's
     run already finished (said on stderr, nothing is started)."""
-    from clip_jax.run_folder import RunFolder, check_run_folder
+    from clip_jax.run_folder import RunFolder, check_run_folder, hosts_at_work, read_hosts
     from clipctl import runs
 
     current = runs.summarize(resolved.run.output_dir)
-    if current.state in runs.ACTIVE or hosts.launcher_alive(resolved.run.output_dir):
+    # `clipctl resume` and the TUI mark the folder "starting" with this process's pid.
+    busy = current.state in runs.ACTIVE and current.pid != os.getpid()
+    if busy or hosts_at_work(read_hosts(resolved.run.output_dir)):
         raise runs.RunRefused(
             f"{resolved.run.output_dir} holds a run that is {current.state}; stop it first "
             "(`clipctl stop`) or choose another run.output_dir"
@@ -113,7 +134,7 @@ def _submit_slurm(
     """Write the resolved spec and an sbatch script into the run folder and submit it."""
     logs = Path(workdir) / resolved.run.output_dir / hosts.HOSTS_DIR
     spec_file, script_file = logs / "spec.toml", logs / "job.sbatch"
-    script = hosts.slurm_script(plan, str(spec_file), workdir, str(logs))
+    script = hosts.slurm_script(plan, str(spec_file), workdir, str(logs), force)
     argv = hosts.sbatch_argv(str(script_file), str(logs))
     if dry:
         click.echo(script, nl=False)
@@ -140,41 +161,66 @@ class Supervisor:
     """Starts the workers, copies their output, and stops them all when one must stop."""
 
     def __init__(
-        self, run_dir: Path, hosts_text: str, launch_id: str, workers: list, steps: int
+        self,
+        run_dir: Path,
+        hosts_text: str,
+        launch_id: str,
+        workers: list,
+        steps: int,
+        grace_s: float = STOP_GRACE_S,
     ) -> None:
-        self.run_dir, self.workers, self.steps = run_dir, workers, steps
+        self.run_dir, self.workers, self.steps, self.grace_s = run_dir, workers, steps, grace_s
         self.record = (hosts_text, launch_id, workers)  # what hosts.json holds
+        self.started = time.time()
         self.procs: list[subprocess.Popen] = []
         self.pumps: list[threading.Thread] = []
         self.tails: list[deque[str]] = [deque(maxlen=40) for _ in workers]
         self.stop_requested = threading.Event()
+        self.killed_here = False  # local ssh/gcloud killed: their hosts' state is unknown
         self.console = threading.Lock()
 
     def run(self) -> None:
         """Supervise until every worker has exited; exit 130 when stopped, raise on failure."""
         from clip_jax.run_folder import RunFolder
 
-        (self.run_dir / hosts.HOSTS_DIR).mkdir(parents=True, exist_ok=True)
-        hosts.write_record(self.run_dir, *self.record, started=time.time())
-        folder = RunFolder(self.run_dir)
-        folder.write_status("starting", pid=os.getpid(), step=self._step(), steps=self.steps)
+        # First: a stop that comes while the record is written must not kill us silently.
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         # A dropped SSH connection to this machine must not orphan the hosts: keep
         # supervising (the logs go on in the run folder) and stay reachable by `clipctl stop`.
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
         try:
-            failed = self._supervise()
+            (self.run_dir / hosts.HOSTS_DIR).mkdir(parents=True, exist_ok=True)
+            hosts.write_record(self.run_dir, *self.record, started=self.started)
+            folder = RunFolder(self.run_dir)
+            folder.write_status("starting", pid=os.getpid(), step=self._step(), steps=self.steps)
+            try:
+                failed = self._supervise()
+            except BaseException:
+                self._stop_started()  # never leave a started host running unsupervised
+                raise
+            finally:
+                for proc in self.procs:  # never leave a local ssh/gcloud behind
+                    if proc.poll() is None:
+                        proc.kill()
+                # Ended only when every host's end is known: else `clipctl stop` still
+                # reaches the hosts directly.
+                if self._remote_state_known():
+                    hosts.write_record(
+                        self.run_dir, *self.record, started=self.started, ended=time.time()
+                    )
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            for proc in self.procs:  # never leave a local ssh/gcloud behind
-                if proc.poll() is None:
-                    proc.kill()
-            hosts.write_record(self.run_dir, *self.record, ended=time.time())
         self._finish(folder, failed)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stop_requested.set()
+
+    def _remote_state_known(self) -> bool:
+        """Whether each host's clipctl is known to have ended (its ssh gave its exit code)."""
+        if self.killed_here or len(self.procs) < len(self.workers):
+            return False
+        return all(p.poll() not in (None, EXIT_SSH_FAILED) for p in self.procs)
 
     def _supervise(self) -> int | None:
         """Run the loop; the index of the worker that failed first, or None."""
@@ -182,13 +228,17 @@ class Supervisor:
             log = open(self.run_dir / worker.log_name, "ab")  # noqa: SIM115 (the pump closes it)
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             log.write(f"\n=== {stamp} launched on {worker.host}\n".encode())
-            proc = subprocess.Popen(
-                worker.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches us, not ssh: we stop gracefully
-            )
+            try:
+                proc = subprocess.Popen(
+                    worker.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # Ctrl-C reaches us, not ssh: we stop gracefully
+                )
+            except BaseException:
+                log.close()
+                raise
             self.procs.append(proc)
             pump = threading.Thread(target=self._pump, args=(index, proc, log), daemon=True)
             pump.start()
@@ -205,11 +255,17 @@ class Supervisor:
                 stopping_since = time.monotonic()
             now = time.monotonic()
             if stopping_since is not None and now >= next_try:
-                asked |= self._ask_to_stop(asked)
-                next_try = now + RETRY_S
-            if stopping_since is not None and not killed and now - stopping_since > STOP_GRACE_S:
-                self._kill_all()
+                asked |= self._ask_to_stop([i for i in range(len(self.procs)) if i not in asked])
+                next_try = time.monotonic() + RETRY_S
+            waited = now - stopping_since if stopping_since is not None else 0.0
+            if not killed and waited > self.grace_s:
+                hosts.run_all([w.kill_argv for w in self.workers])
                 killed = True
+            if waited > self.grace_s + KILL_MARGIN_S:  # a host that does not even answer
+                self.killed_here = True
+                for proc in self.procs:
+                    if proc.poll() is None:
+                        proc.kill()
             time.sleep(0.2)
         for pump in self.pumps:  # the last lines (a worker's error) reach log and tail
             pump.join(timeout=10)
@@ -217,21 +273,24 @@ class Supervisor:
             failed = next((i for i, p in enumerate(self.procs) if _failed(p)), None)
         return failed
 
-    def _ask_to_stop(self, asked: set[int]) -> set[int]:
-        """Send the stop command to each live worker not yet reached; those reached."""
-        reached = set()
-        for index, (worker, proc) in enumerate(zip(self.workers, self.procs, strict=True)):
-            if index in asked or proc.poll() is not None:
-                continue
-            if _quiet_run(worker.stop_argv) == 0:
-                reached.add(index)
-        return reached
+    def _ask_to_stop(self, waiting: list[int]) -> set[int]:
+        """Send the stop command to the ``waiting`` workers, all at once; those reached.
+        A worker whose ssh is gone is asked too: its trainer may still run."""
+        codes = hosts.run_all([self.workers[i].stop_argv for i in waiting])
+        return {i for i, code in zip(waiting, codes, strict=True) if code == 0}
 
-    def _kill_all(self) -> None:
-        """SIGKILL on the hosts, for a run that did not stop within STOP_GRACE_S."""
-        for worker, proc in zip(self.workers, self.procs, strict=True):
-            if proc.poll() is None:
-                _quiet_run(worker.kill_argv)
+    def _stop_started(self) -> None:
+        """After an error here: ask the workers already started to stop until each one is
+        reached (its pid file may not be written yet) or ABANDON_S have passed."""
+        self.killed_here = True  # what the hosts do now is not known here
+        asked: set[int] = set()
+        deadline = time.monotonic() + ABANDON_S
+        while time.monotonic() < deadline:
+            waiting = [i for i, p in enumerate(self.procs) if i not in asked and p.poll() is None]
+            if not waiting:
+                return
+            asked |= self._ask_to_stop(waiting)
+            time.sleep(RETRY_S / 4)
 
     def _pump(self, index: int, proc: subprocess.Popen, log: Any) -> None:
         """Copy one worker's output to its log file and the console, line by line."""
@@ -267,7 +326,9 @@ class Supervisor:
             if code == 2:  # that host found a mistake in the input (data, paths...)
                 raise UserError(error)
             raise CommandFailed(error)
-        if self.stop_requested.is_set():
+        # Every host stopped (130) though not asked here: preempted, or stopped on the host.
+        stopped = any(p.returncode == EXIT_INTERRUPTED for p in self.procs)
+        if self.stop_requested.is_set() or stopped:
             if ours or status.get("state") in ("starting", "running"):
                 folder.write_status("interrupted", pid=os.getpid(), step=self._step())
             click.echo("stopped on every host; rerun the same command to resume", err=True)
@@ -277,15 +338,6 @@ class Supervisor:
 def _failed(proc: subprocess.Popen) -> bool:
     """Ended in an error: neither done (0) nor stopped gracefully (130)."""
     return proc.poll() is not None and proc.returncode not in (0, EXIT_INTERRUPTED)
-
-
-def _quiet_run(argv: list[str]) -> int:
-    """Run a short stop/kill command; its exit code (-1 when it could not run in time)."""
-    try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return -1
-    return done.returncode
 
 
 def _error_of(tail: deque[str]) -> str:

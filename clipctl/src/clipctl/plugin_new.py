@@ -4,11 +4,13 @@ The package's files are ``string.Template`` texts in ``clipctl/scaffold`` (packa
 data): ``common/`` for every kind (pyproject with the ``clip_jax`` entry point, README),
 ``<kind>/`` for the hook module, the component's module and its test. The names the
 user gives are checked against a strict pattern before they reach a file: they become
-a Python module name and a TOML string, never code.
+a Python module name and a TOML string, never code; a module name that is installed
+already (jax, json, numpy) is refused, since the plugin would shadow it or be shadowed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import keyword
 import re
 from dataclasses import dataclass
@@ -53,6 +55,18 @@ class PluginNames:
         if module in RESERVED or keyword.iskeyword(module):
             raise UserError(f"{module!r} is taken: choose another plugin name", key="NAME")
         component = re.sub(r"^clip_jax_", "", module) or module
+        if not component[0].isalpha():  # it starts class names: 2dOptions is no Python
+            raise UserError(
+                f"{component!r} (the name after clip-jax-) must start with a letter",
+                key="NAME",
+            )
+        if importlib.util.find_spec(module) is not None:
+            # installed next to it, one of the two would hide the other on import
+            raise UserError(
+                f"a module {module!r} is installed already (import {module} finds it): "
+                "choose another plugin name, e.g. clip-jax-" + component.replace("_", "-"),
+                key="NAME",
+            )
         title = "".join(part.capitalize() for part in component.split("_"))
         return cls(name, module, component, title)
 

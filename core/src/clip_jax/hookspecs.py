@@ -120,8 +120,10 @@ def register_loggers(register):
     to train). It returns a
     ``clip_jax.train.events.Subscriber`` whose ``on_<event>`` methods log: ``on_run_info``
     (once: the resolved spec, parameter counts and the machine), ``on_step`` (train
-    records), ``on_eval`` (evaluation results), and ``on_finish`` / ``on_stop`` /
-    ``on_failure`` (exactly one of them ends the run: flush and close there).
+    records), ``on_eval`` (evaluation results), ``on_rollback`` (a guard went back to an
+    earlier checkpoint: the steps after it come again), and ``on_finish`` / ``on_stop``
+    / ``on_failure``, which end the run: flush and close there, idempotently, since a
+    stop can be followed by a failure (an error while stopping).
 
     Only the main process builds loggers. A factory or event method that raises is
     reported once in run.log and the logger is switched off; the run goes on.

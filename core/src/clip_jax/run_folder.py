@@ -18,8 +18,8 @@ written when one comes ``flush_s`` seconds or more after the last write, at ever
 checkpoint and evaluation (``train.events.RunFolderWriter``), and when the process
 exits normally; the state changes (finished, failed...) are written at once, after the
 records before them. So a run killed outright loses at most the records after its last
-checkpoint, which a resume drops anyway (``truncate_metrics``). A store error on a
-timed write is a warning and is tried again; the process that trains owns the files
+checkpoint, which a resume drops anyway (``truncate_metrics``). A store error on any
+of these writes is a warning and is tried again; the process that trains owns the files
 (another's appends to a URL file are overwritten: ``storage.Appender``). Liveness of a
 URL run cannot be checked from here: its status is as written.
 """
@@ -165,7 +165,7 @@ class RunFolder:
         if self.remote and state == "running":
             self._pending_status = text
             if time.monotonic() - self._status_written >= self.flush_s:
-                self._flush_or_warn()
+                self.flush_or_warn()
             return
         self._pending_status = None  # superseded
         self.flush()  # the records before a state change are there when it is read
@@ -186,9 +186,10 @@ class RunFolder:
             self._pending_status = None
             self._status_written = time.monotonic()
 
-    def _flush_or_warn(self) -> None:
-        """A timed write: a store error is one warning (``storage.Appender.flush_or_warn``)
-        and the next try waits ``flush_s``; the run goes on."""
+    def flush_or_warn(self) -> None:
+        """``flush()`` for a run that must go on: a store error is one warning
+        (``storage.Appender.flush_or_warn``), what waits keeps waiting, and the next
+        timed try comes ``flush_s`` later."""
         self._status_written = time.monotonic()
         if not (self._metrics.flush_or_warn() and self._log.flush_or_warn()):
             return  # warned; the status waits for the records before it
@@ -196,7 +197,10 @@ class RunFolder:
             self.flush()
         except OSError as exc:
             logging.getLogger(__name__).warning(
-                "could not write %s (%s); trying again in %gs", self.path / STATUS, exc, self.flush_s
+                "could not write %s (%s); trying again in %gs",
+                self.path / STATUS,
+                exc,
+                self.flush_s,
             )
 
 

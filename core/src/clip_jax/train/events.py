@@ -85,13 +85,14 @@ class RunFolderWriter(Subscriber):
         if results:
             record = {"step": step, "split": "validation", **results, "time": time.time()}
             self.folder.append_metrics(record)
-        self.folder.flush()  # on a URL: an evaluation is worth a write of its own
+        self.folder.flush_or_warn()  # on a URL: an evaluation is worth a write of its own
 
     def on_checkpoint(self, step: int) -> None:
         # On a URL the records up to a checkpoint are written with it: a resume keeps
         # those (truncate_metrics) and trains only what came after, so a record still
-        # pending at a crash would be a gap for good.
-        self.folder.flush()
+        # pending at a crash would be a gap for good. A store error is a warning: the
+        # records stay pending and the next timed write tries again.
+        self.folder.flush_or_warn()
 
     def on_rollback(self, step: int, to_step: int) -> None:
         self.folder.truncate_metrics(to_step)  # those steps are trained again

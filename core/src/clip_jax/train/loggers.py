@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from clip_jax.run_folder import RunFolder
-from clip_jax.train.events import Events, RunFolderWriter, Subscriber, Tolerant
+from clip_jax.train.events import Events, Subscriber, Tolerant
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -124,8 +124,12 @@ def numbers(record: dict[str, Any]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------ factories
 def jsonl_logger(options: Any, run: RunContext) -> Subscriber:
-    """metrics.jsonl and status.json in the run folder."""
-    return RunFolderWriter(RunFolder(run.folder), run.steps)
+    """``jsonl`` is registered so that ``logging.loggers`` may list it and ``clipctl
+    plugins`` shows it; the trainer's own ``RunFolderWriter`` writes metrics.jsonl and
+    status.json, listed or not (``subscribe`` skips this name). A no-op: a second writer
+    would hold a second ``storage.Appender`` on the same files, and on a URL two of them
+    overwrite each other's lines."""
+    return Subscriber()
 
 
 def tensorboard_logger(options: Any, run: RunContext) -> Subscriber:
@@ -187,6 +191,14 @@ class TensorBoardLogger(Subscriber):
 
     def on_guard(self, step: int, event: str, text: str) -> None:
         self._text(step, "run/guard", f"{event}: {text}")
+
+    def on_rollback(self, step: int, to_step: int) -> None:
+        """Event files cannot take points back: the steps after ``to_step`` are trained
+        again and appear twice. Marked, so a chart's doubled stretch has its reason:
+        ``guard/rollback_from`` (the step it came from) at the step it went back to."""
+        self._scalars("guard", to_step, {"rollback_from": float(step)})
+        self._text(to_step, "run/guard", f"rollback: steps {to_step + 1}..{step} again")
+        self.writer.flush()
 
     def _close(self, *args: Any) -> None:  # a stop can be followed by a failure
         if self.writer is not None:

@@ -24,8 +24,9 @@ from clip_jax.data.formats import ShardError, open_shard
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's split
-# header offset, path (None: the end), data (None: announced, data not read yet)
-Member = tuple[int, str | None, bytes | None]
+# header offset, path (None: the end), data (None: announced, data not read yet),
+# offset after the member's data
+Member = tuple[int, str | None, bytes | None, int]
 
 
 def split_name(path: str) -> tuple[str, str] | None:
@@ -41,7 +42,9 @@ def examples(
     ``data=False`` seeks past member data (b"" values), to count examples cheaply.
 
     Raises ShardError where the file stops being a tar file; the examples before it have
-    been yielded (an example cut short by it is not).
+    been yielded. An example whose own member is cut short is not; one whose members
+    were all read when a header turns out corrupt or cut is, with what it has (the next
+    member was perhaps its own: then the reader skips it as a missing key, if it is).
     """
     try:
         with open_shard(path) as file:
@@ -58,19 +61,27 @@ def examples(
 
 
 def _grouped(members: Iterator[Member]) -> Iterator[tuple[str, dict[str, bytes], int]]:
-    key, fields = None, {}
-    for start, name, payload in members:
-        split = split_name(name) if name is not None else None
-        if name is not None and split is None:
-            continue  # no extension: not part of any example (webdataset skips it too)
-        if key is not None and (split is None or split[0] != key):
-            yield key, fields, start
-            key, fields = None, {}
-        if split is None:  # the end of the archive
-            return
-        key = split[0]
-        if payload is not None:
-            fields[split[1]] = payload
+    """Members -> examples: one is complete when a member of another key is announced,
+    or, at damage, when none of its members was being read (see ``examples``)."""
+    key, fields, after, reading = None, {}, 0, False
+    try:
+        for start, name, payload, end in members:
+            split = split_name(name) if name is not None else None
+            if name is not None and split is None:
+                continue  # no extension: not part of any example (webdataset skips it too)
+            if key is not None and (split is None or split[0] != key):
+                yield key, fields, start
+                key, fields = None, {}
+            if split is None:  # the end of the archive
+                return
+            key, reading = split[0], payload is None
+            if payload is not None:
+                fields[split[1]] = payload
+                after = end
+    except ShardError:
+        if key is not None and not reading:  # the damage is past its last member
+            yield key, fields, after
+        raise
 
 
 def _members(file, path: str, offset: int, size: int | None, data: bool) -> Iterator[Member]:
@@ -81,7 +92,7 @@ def _members(file, path: str, offset: int, size: int | None, data: bool) -> Iter
     while True:
         header = file.read(BLOCK)
         if not header or header == _ZERO_BLOCK:
-            yield start, None, b""
+            yield start, None, b"", start
             return
         if len(header) < BLOCK:
             raise ShardError(f"{path}: {_cut_or_foreign(offset)} at byte {offset}")
@@ -95,7 +106,7 @@ def _members(file, path: str, offset: int, size: int | None, data: bool) -> Iter
         regular = info.type in tarfile.REGULAR_TYPES
         name = pax.get("path") or long_name or info.name
         if regular:
-            yield start, name, None
+            yield start, name, None, end
         if data or extended:
             padded = file.read(end - offset - BLOCK)  # tar pads every member to a block
             if len(padded) < end - offset - BLOCK:
@@ -114,7 +125,7 @@ def _members(file, path: str, offset: int, size: int | None, data: bool) -> Iter
             pax = _pax_fields(payload)
             continue
         if regular:
-            yield start, name, payload
+            yield start, name, payload, offset
         start, long_name, pax = offset, None, {}
 
 
