@@ -170,7 +170,14 @@ def test_train_stream_is_seeded_and_repeats(synthetic_dir):
     assert got[-1].next_position == 1200
 
 
-@pytest.mark.parametrize("position", [128, 37, 1024 + 37])
+@pytest.mark.parametrize(
+    "position",
+    [
+        37,
+        pytest.param(128, marks=pytest.mark.slow),
+        pytest.param(1024 + 37, marks=pytest.mark.slow),
+    ],
+)
 def test_resume_from_position(synthetic_dir, position):
     paths = files(synthetic_dir, "train")
     kwargs = {"train": True, "seed": 3, "shuffle_buffer": 128, "batch_size": 64}

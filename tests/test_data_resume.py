@@ -132,6 +132,7 @@ def test_resume_reads_one_window_wherever_it_is(shards):
     assert costs[0] == costs[1] <= window + max(SHARD_SIZES)
 
 
+@pytest.mark.slow  # the legacy path
 def test_older_checkpoints_resume_from_their_positions(shards, uninterrupted):
     """{"positions": [...], "skipped": n}: found by reading record headers."""
     state = uninterrupted[12].positions

@@ -31,6 +31,7 @@ def decoder_and_params():
     return decoder, jax.jit(decoder.init)(jax.random.key(2), image, inputs), image, inputs
 
 
+@pytest.mark.slow  # compiles the decoder; the captioning term's value is checked fast in test_aux_terms
 def test_a_position_reads_only_the_past(decoder_and_params):
     decoder, params, image, inputs = decoder_and_params
     changed = inputs.at[:, 5].set((inputs[:, 5] + 1) % VOCAB)
@@ -40,6 +41,7 @@ def test_a_position_reads_only_the_past(decoder_and_params):
     assert not np.allclose(a[:, 5:], b[:, 5:])
 
 
+@pytest.mark.slow  # compiles the decoder; the captioning term's value is checked fast in test_aux_terms
 def test_parallel_prediction_ignores_the_inputs_but_not_the_image(decoder_and_params):
     decoder, params, image, inputs = decoder_and_params
     parallel = jnp.array([True, False, True])

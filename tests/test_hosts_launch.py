@@ -190,6 +190,7 @@ def test_hostile_values_travel_quoted_through_ssh_and_gcloud(tmp_path):
     assert read_hosts(run_dir)["ended"]
 
 
+@pytest.mark.slow  # a supervised launch through the fakes, ~1 s
 def test_stop_reaches_every_host(tmp_path):
     env = fake_env(tmp_path, mode="wait")
     run_dir = tmp_path / "run"
@@ -238,6 +239,7 @@ def test_a_run_every_host_stopped_on_its_own_is_interrupted(tmp_path):
     assert RunFolder(tmp_path / "run").status()["state"] == "interrupted"
 
 
+@pytest.mark.slow  # a supervised launch through the fakes, ~1 s
 def test_a_host_that_fails_stops_the_others_and_fails_the_run(tmp_path):
     env = fake_env(tmp_path, mode="wait", FAKE_SSH_UNREACHABLE="badhost")
     run_dir = tmp_path / "run"
@@ -257,6 +259,7 @@ def test_a_host_that_fails_stops_the_others_and_fails_the_run(tmp_path):
         assert not alive(record["pid"])
 
 
+@pytest.mark.slow  # a supervised launch through the fakes, ~1 s
 def test_a_host_whose_connection_dropped_is_still_stopped(tmp_path):
     """ssh to h1 exits 255 but its trainer runs on: it is asked to stop like the others,
     and hosts.json stays open (not "ended") for `clipctl stop`."""
@@ -268,6 +271,7 @@ def test_a_host_whose_connection_dropped_is_still_stopped(tmp_path):
     assert not read_hosts(tmp_path / "run").get("ended")
 
 
+@pytest.mark.slow  # a supervised launch through the fakes, ~1 s
 def test_an_error_after_some_hosts_started_stops_them(tmp_path, monkeypatch):
     """A worker that cannot be started (E2BIG, a vanished ssh) after another one was."""
     from clipctl.launch_command import Supervisor
@@ -286,6 +290,7 @@ def test_an_error_after_some_hosts_started_stops_them(tmp_path, monkeypatch):
     assert not read_hosts(run_dir).get("ended")
 
 
+@pytest.mark.slow  # a supervised launch through the fakes, ~1 s
 def test_a_host_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):
     env = fake_env(tmp_path, mode="stubborn", CLIPCTL_STOP_GRACE_S="0.3")
     launcher = launch(tmp_path, env)
@@ -312,6 +317,7 @@ def test_a_tui_launch_on_hosts_is_not_refused_by_its_own_status(tmp_path, monkey
     assert len(worker_records(tmp_path)) == 2
 
 
+@pytest.mark.slow  # a supervised launch through the fakes, ~1 s
 def test_resume_relaunches_a_multi_host_run_on_its_hosts(tmp_path, monkeypatch):
     """spec.resolved.toml names one process of the run: resume goes by hosts.json."""
     from clip_jax.spec import load_spec, to_toml
@@ -335,6 +341,7 @@ def test_resume_relaunches_a_multi_host_run_on_its_hosts(tmp_path, monkeypatch):
     assert "--hosts ssh:h0,h1" in (run_dir / "launch.log").read_text()
 
 
+@pytest.mark.slow  # a supervised launch through the fakes, ~1 s
 def test_slurm_writes_and_submits_a_script_that_stop_cancels(tmp_path):
     env = fake_env(tmp_path, FAKE_SLURM_ALIVE="4242")
     run_dir = tmp_path / "run"

@@ -92,6 +92,7 @@ def test_random_labels_reference_and_chance():
     assert abs(result["linear_probe_top1"] - 1 / C) < 0.08
 
 
+@pytest.mark.slow  # fits a probe on encoded blobs
 def test_separable_blobs():
     train_features_NxD, train_labels_N = blobs(300, seed=1)
     test_features_MxD, test_labels_M = blobs(300, seed=2)

@@ -43,7 +43,7 @@ def test_resampling_to_the_tables_own_grid_is_the_table():
 @pytest.mark.parametrize(
     ("pool", "registers"),
     [
-        ("tok", 0),
+        pytest.param("tok", 0, marks=pytest.mark.slow),  # the mixed batch's test stays fast
         pytest.param("gap", 0, marks=pytest.mark.slow),
         pytest.param("map", 2, marks=pytest.mark.slow),
     ],
@@ -66,6 +66,7 @@ def test_a_square_image_gives_the_square_paths_embedding(pool, registers):
         pytest.param("map", 2, marks=pytest.mark.slow),
     ],
 )
+@pytest.mark.slow  # compiles the ViT three times
 def test_a_mixed_batch_equals_its_images_one_by_one(pool, registers):
     model = tower(pool, registers)
     rng = np.random.default_rng(1)

@@ -126,6 +126,7 @@ def test_records_are_the_examples_a_tfrecord_holds_and_gfile_paths_work():
     assert rest == records[2:]
 
 
+@pytest.mark.slow  # two pipelines read end to end
 def test_batches_equal_the_tfrecord_sources(both):
     """The stream order depends only on positions, so the same examples in the same
     shards give the same batches, labels and skip counts in either format."""
@@ -141,6 +142,7 @@ def test_batches_equal_the_tfrecord_sources(both):
     assert (a.labels >= 0).all()
 
 
+@pytest.mark.slow  # two pipelines read end to end
 def test_resumed_batches_equal_the_uninterrupted_ones(both):
     files = both["webdataset"]
     got = [b for b, _ in zip(readers(files, label_key="cls"), range(14), strict=False)]
