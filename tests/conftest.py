@@ -21,6 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # the tests start: many tests train the same small model, and each in-process train()
 # or launched run would otherwise compile the same programs again (-40 s on test_train
 # and test_runs). Per session, so no test ever reads another session's executables.
+_cache: str | None = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="clip-jax-tests-xla-")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
@@ -97,3 +98,30 @@ def plugin():
     yield add
     for name in names:
         unregister_plugin(name)
+
+
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    _exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config) -> None:
+    """Leave without the interpreter's teardown. Hundreds of tf.data pipelines, XLA
+    thread pools and jax runtimes built in one process are torn down there, and once in
+    a CI run that teardown never returned (a tf.data iterator dropped while one of its
+    threads waited for the GIL; clip_jax.data.stream closes streams to avoid exactly
+    that, and the `clipctl` processes the tests start exit normally). A hung pytest
+    would hold CI until its time limit; the report is complete by now."""
+    if not _exit_status or os.environ.get("CLIP_JAX_TESTS_FULL_TEARDOWN"):
+        return
+    from clip_jax.data import stream
+
+    stream._close_all()  # what atexit would do first
+    if _cache is not None:
+        shutil.rmtree(_cache, ignore_errors=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status[-1])

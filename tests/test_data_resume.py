@@ -168,3 +168,21 @@ def test_tfrecord_reader_agrees_with_tensorflow(shards):
     assert [o for _, o in tfrecord.records(path, data=False)] == [o for _, o in ours]
     with pytest.raises(tfrecord.ShardError, match="truncated"):  # the cut shard
         list(tfrecord.records(shards[1], data=False))
+
+
+def test_a_closed_stream_stops_reading_and_closes_promptly(shards):
+    """close() ends the generator before dropping tf.data's iterator (dropping it while
+    a tf.data thread waits for the GIL to run the generator never returns)."""
+    import time
+
+    from clip_jax.data.stream import CLOSE_WAIT_S
+
+    stream = readers(shards).streams[0]
+    next(stream)
+    started = time.monotonic()
+    stream.close()
+    assert time.monotonic() - started < CLOSE_WAIT_S
+    read = stream.raw.records_read
+    time.sleep(0.3)
+    assert stream.raw.records_read == read  # nothing is read after the close
+    stream.close()  # twice is harmless

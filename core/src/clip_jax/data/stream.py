@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import logging
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -60,6 +61,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc mal
 
 log = logging.getLogger("clip_jax.data")
 _open_streams: weakref.WeakSet[ReaderStream] = weakref.WeakSet()
+CLOSE_WAIT_S = 5.0  # the longest a close waits for tf.data to finish with the generator
+PARKED_S = 0.2  # a generator tf.data has not run for this long is parked: safe to drop
 Cursor = tuple[int, int, int, int]  # epoch, shard index in the epoch's order, byte, unreadable
 
 
@@ -275,10 +278,29 @@ class ReaderStream:
             image_size, batch_size, image_key, caption_key, label_key, preprocess, threads
         )
         self._batches = None
+        self._stopping = False  # close(): the generator ends at its next call
+        self._generator_touched = 0.0  # monotonic time tf.data last ran the generator
         _open_streams.add(self)
 
     def close(self) -> None:
-        """Drops the tf.data iterator, which ends the Python generator feeding it."""
+        """Ends the generator, then drops the tf.data iterator.
+
+        Dropping the iterator waits (holding the GIL) for tf.data's threads, and one of
+        them may be waiting for the GIL to run the generator: a deadlock, seen as a
+        process that never exits. So the generator is told to end at its next call, and
+        this thread sleeps (GIL released) until tf.data has left the generator alone for
+        ``PARKED_S``: its buffers are full, or the generator has ended and tf.data has
+        finalized it; either way no thread of it wants the GIL any more.
+        """
+        if self._batches is None:
+            return
+        self._stopping = True
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        # Past its end too: tf.data then runs the generator's finalizer, under the GIL.
+        while time.monotonic() - self._generator_touched <= PARKED_S:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         self._batches = None
 
     def _elements(self) -> Iterator[tuple[np.ndarray, list[bytes], np.ndarray]]:
@@ -287,13 +309,19 @@ class ReaderStream:
         _undo_malloc_patch()  # applied as tf.data made the generator's iterator: now
         position = int(self.start[0])
         cursor = tuple(int(v) for v in self.start[1:5])
+        self._generator_touched = time.monotonic()
         try:
             for item in windows(self.raw, self.window, position, cursor):
                 if self.resume_reads is None:
                     self.resume_reads = self.raw.records_read
                 yield item
+                self._generator_touched = time.monotonic()
+                if self._stopping:  # before reading another window
+                    return
         except Exception as exc:
             self.failure = exc
+        finally:
+            self._generator_touched = time.monotonic()
 
     def _dataset(self, image_size, batch_size, image_key, caption_key, label_key, pre, threads):
         tf = import_tf()
