@@ -124,16 +124,18 @@ def test_the_total_is_the_contrastive_loss_plus_the_weighted_term(aux_run):
     comps, params, images, tokens = aux_run
     assert "aux_captioning" in params
     objective = comps.objective()
-    loss, metrics = objective(params, images, tokens, None, jax.random.key(2))
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(
+        params, images, tokens, None, jax.random.key(2)
+    )
     model = comps.model
-    img, txt, log_scale, bias, outputs = model.apply({"params": params}, images, tokens, aux=True)
+    apply = jax.jit(lambda p: model.apply({"params": p}, images, tokens, aux=True))
+    img, txt, log_scale, bias, outputs = apply(params)
     contrastive = comps.loss.fn(img, txt, log_scale, bias)
     captioning = outputs["captioning"]["loss"].mean()
     np.testing.assert_allclose(metrics["loss/contrastive"], contrastive, rtol=1e-6)
     np.testing.assert_allclose(metrics["loss/captioning"], captioning, rtol=1e-6)
     np.testing.assert_allclose(loss, contrastive + 0.5 * captioning, rtol=1e-6)
     assert 0 <= metrics["captioning/token_accuracy"] <= 1
-    grads = jax.grad(lambda p: objective(p, images, tokens, None, jax.random.key(2))[0])(params)
     assert float(jnp.abs(grads["aux_captioning"]["decoder"]["logits"]["kernel"]).sum()) > 0
 
 

@@ -155,12 +155,16 @@ def make_dataset(
             out["label"] = example[label_key]
         return out
 
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(decode, num_parallel_calls=threads, deterministic=True)
     ds = ds.ignore_errors()
     ds = ds.batch(batch_size)
     options = tf.data.Options()
     options.threading.private_threadpool_size = threads
     options.deterministic = True
+    # No autotuning: its model thread is what a dropped iterator waited for, forever, at
+    # the end of a long test session (67 pipelines). The map runs on the private pool's
+    # threads, which is where autotuning settled.
+    options.autotune.enabled = False
     return ds.with_options(options).prefetch(2)
 
 

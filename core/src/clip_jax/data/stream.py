@@ -334,13 +334,17 @@ class ReaderStream:
         ds = tf.data.Dataset.from_generator(self._elements, output_signature=signature)
         ds = ds.unbatch()
         decode = _decoder(tf, image_size, image_key, caption_key, label_key, pre)
-        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(decode, num_parallel_calls=threads, deterministic=True)
         ds = ds.ignore_errors().scan(tf.zeros(3, tf.int64), _counter(tf))
         ds = ds.filter(lambda item: item["reason"] == _OK)
         ds = ds.batch(batch_size, drop_remainder=True)
         options = tf.data.Options()
         options.threading.private_threadpool_size = threads
         options.deterministic = True
+        # No autotuning: its model thread is what a dropped iterator waited for, forever, at
+        # the end of a long test session (67 pipelines). The map runs on the private pool's
+        # threads, which is where autotuning settled.
+        options.autotune.enabled = False
         return ds.with_options(options).prefetch(2)
 
     def __iter__(self) -> Iterator[ReaderBatch]:
