@@ -90,12 +90,15 @@ def export_command(run_dir: str, out: str, format_: str, step: int | None) -> No
     click.echo(f"wrote {path} ({format_})")
 
 
-@click.command(name="predict")
-@click.argument("model")
-@click.option(
+images_option = click.option(
     "--image", "images", multiple=True, required=True, type=click.Path(dir_okay=False),
     help="An image file; repeat for several.",
 )  # fmt: skip
+
+
+@click.command(name="predict")
+@click.argument("model")
+@images_option
 @click.option("--labels", required=True, help='Comma-separated class names: "cat,dog,bird".')
 @click.option(
     "--template", "templates", multiple=True,
@@ -134,10 +137,7 @@ def predict_command(
 
 @click.command(name="caption")
 @click.argument("model")
-@click.option(
-    "--image", "images", multiple=True, required=True, type=click.Path(dir_okay=False),
-    help="An image file; repeat for several.",
-)  # fmt: skip
+@images_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list.")
 def caption_command(model: str, images: tuple[str, ...], as_json: bool) -> None:
     """Caption images with a run trained with the captioning term ([[loss.aux]])."""
