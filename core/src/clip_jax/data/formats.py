@@ -14,7 +14,8 @@ synth --format NAME`` can write the embedded dataset in it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from clip_jax.errors import UserError
 
@@ -57,6 +58,26 @@ def open_shard(path: str, mode: str = "rb"):
 
         return import_tf().io.gfile.GFile(path, mode)
     return open(path, mode, buffering=1 << 20)  # noqa: SIM115 (closed by the caller)
+
+
+@contextmanager
+def shard_at(path: str, offset: int, measure: bool) -> Iterator[tuple[Any, int | None]]:
+    """(the shard open at byte ``offset``, its size when ``measure``: a reader seeking
+    past payloads needs it to tell a truncated last one). Any failure to read it, other
+    than the format's own ShardError, becomes one ShardError naming the file; read the
+    records inside the ``with`` so that their failures are translated too."""
+    try:
+        with open_shard(path) as file:
+            size = None
+            if measure:
+                file.seek(0, 2)
+                size = file.tell()
+            file.seek(offset)
+            yield file, size
+    except ShardError:
+        raise
+    except Exception as exc:  # OSError, tf.errors.OpError from gfile: unreadable
+        raise ShardError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def example_bytes(features: dict[str, bytes | int]) -> bytes:

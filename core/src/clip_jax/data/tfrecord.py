@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from clip_jax.data.formats import ShardError, open_shard
+from clip_jax.data.formats import ShardError, shard_at
 
 __all__ = ["ShardError", "crc32c", "masked_crc", "records"]
 
@@ -58,18 +58,8 @@ def records(path: str, offset: int = 0, data: bool = True) -> Iterator[tuple[byt
     Raises ShardError where the file stops being a TFRecord; the records before it have
     been yielded.
     """
-    try:
-        with open_shard(path) as file:
-            size = None
-            if not data:  # seeking past payloads: the size tells a truncated last one
-                file.seek(0, 2)
-                size = file.tell()
-            file.seek(offset)
-            yield from _read(file, path, offset, size)
-    except ShardError:
-        raise
-    except Exception as exc:  # OSError, tf.errors.OpError from gfile: unreadable
-        raise ShardError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    with shard_at(path, offset, measure=not data) as (file, size):
+        yield from _read(file, path, offset, size)
 
 
 def _read(file, path: str, offset: int, size: int | None) -> Iterator[tuple[bytes, int]]:

@@ -19,7 +19,7 @@ import re
 import tarfile
 from collections.abc import Iterator
 
-from clip_jax.data.formats import ShardError, open_shard
+from clip_jax.data.formats import ShardError, shard_at
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -46,18 +46,8 @@ def examples(
     were all read when a header turns out corrupt or cut is, with what it has (the next
     member was perhaps its own: then the reader skips it as a missing key, if it is).
     """
-    try:
-        with open_shard(path) as file:
-            size = None
-            if not data:  # seeking past data: the size tells a truncated last member
-                file.seek(0, 2)
-                size = file.tell()
-            file.seek(offset)
-            yield from _grouped(_members(file, path, offset, size, data))
-    except ShardError:
-        raise
-    except Exception as exc:  # OSError, tf.errors.OpError from gfile: unreadable
-        raise ShardError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    with shard_at(path, offset, measure=not data) as (file, size):
+        yield from _grouped(_members(file, path, offset, size, data))
 
 
 def _grouped(members: Iterator[Member]) -> Iterator[tuple[str, dict[str, bytes], int]]:
