@@ -86,6 +86,7 @@ def compiled_step(comps):
         shardings,
         comps.layout,
         objective=comps.objective(),
+        teacher=comps.teacher,
     )
     return step, state
 

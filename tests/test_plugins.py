@@ -26,7 +26,7 @@ BUILTINS = {
     "optimizer": {"adamw"},
     "head": {"contrastive", "image_classification", "text_classification", "lit"},
     "logger": {"jsonl", "tensorboard"},
-    "aux_loss": {"captioning"},
+    "aux_loss": {"captioning", "self_distillation", "masked_prediction"},
 }
 # Built-ins configured by their own table; jsonl takes no options (the run folder's).
 WITHOUT_OPTIONS = {("logger", "jsonl")}

@@ -5,7 +5,7 @@ imports jax or tensorflow.
 """
 
 from clip_jax import schemas
-from clip_jax.aux_terms import CaptioningOptions
+from clip_jax.aux_terms import CaptioningOptions, MaskedPredictionOptions, SelfDistillationOptions
 from clip_jax.plugins import hookimpl, lazy
 from clip_jax.presets import CLIP_PRESETS
 
@@ -56,6 +56,18 @@ def register_aux_losses(register):
         lazy("clip_jax.models.captioning:captioning"),
         options=CaptioningOptions,
         description="LocCa / CapPa captioning decoder on the image tower's tokens",
+    )
+    register(
+        "self_distillation",
+        lazy("clip_jax.models.self_supervised:self_distillation"),
+        options=SelfDistillationOptions,
+        description="SILC: local crops predict an EMA teacher's view of the whole image",
+    )
+    register(
+        "masked_prediction",
+        lazy("clip_jax.models.self_supervised:masked_prediction"),
+        options=MaskedPredictionOptions,
+        description="TIPS: masked patches predict an EMA teacher's patch features",
     )
 
 

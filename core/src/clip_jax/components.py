@@ -44,6 +44,14 @@ class Components:
         ]
 
     @cached_property
+    def teacher(self):
+        """The EMA teacher's schedule (``clip_jax.train.teacher``), or None when no term
+        learns from one."""
+        from clip_jax.train.teacher import teacher_schedule
+
+        return teacher_schedule(self.model, self.aux_terms)
+
+    @cached_property
     def model(self):
         """The architecture's model with the head's parameters (if it has any) and the
         auxiliary terms' modules."""
@@ -74,8 +82,7 @@ class Components:
         if self.aux_terms:
             from clip_jax.heads import contrastive_objective
 
-            weights = {t.name: t.weight for t in self.aux_terms}
-            return contrastive_objective(model, self.loss.fn, aux_weights=weights)
+            return contrastive_objective(model, self.loss.fn, aux_terms=self.aux_terms)
         return self.head.objective(model, self.loss.fn)
 
     @cached_property

@@ -37,6 +37,7 @@ class EvalSet:
 def embed_set(model, files: Sequence[str], keys: EvalSet, limit: int | None) -> dict[str, Any]:
     """Unit-norm image embeddings, labels and captions of up to ``limit`` examples."""
     from clip_jax.data import pipeline
+    from clip_jax.data.naflex import patch_size_of
 
     spec = model.spec
     dataset = pipeline.make_dataset(
@@ -49,6 +50,7 @@ def embed_set(model, files: Sequence[str], keys: EvalSet, limit: int | None) -> 
         train=False,
         preprocess=spec.preprocess,
         record_format=keys.record_format,
+        patch_size=patch_size_of(spec),
     )
     images, labels, captions = [], [], []
     for batch in pipeline.iterate(dataset):

@@ -13,6 +13,9 @@ index matching would punish the model for ranking equally correct captions first
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from operator import itemgetter
+from typing import Any
 
 import numpy as np
 
@@ -21,19 +24,49 @@ EncodeTexts = Callable[[Sequence[str]], np.ndarray]
 
 
 def padded_encoder(fn: Callable, params: object, batch_size: int) -> Callable:
-    """Encode any number of rows with one compiled shape (pad the last batch)."""
+    """Encode any number of rows with one compiled shape (pad the last batch). Rows are
+    an array (padded with zeros) or a NamedTuple of arrays, NaFlex images, padded with
+    copies of the last row: an image of all padding would have no valid patch, and its
+    pooling would divide by zero. The padding's outputs are dropped either way."""
 
-    def encode(rows: np.ndarray) -> np.ndarray:
+    def encode(rows: Any) -> np.ndarray:
         out = []
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            pad = batch_size - len(chunk)
+        tree = hasattr(rows, "_fields")
+        total = len(rows[0]) if tree else len(rows)
+        for start in range(0, total, batch_size):
+            chunk = _leaves(itemgetter(slice(start, start + batch_size)), rows)
+            pad = batch_size - min(batch_size, total - start)
             if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+                chunk = _leaves(partial(_pad, pad=pad, edge=tree), chunk)
             out.append(np.asarray(fn(params, chunk))[: batch_size - pad])
         return np.concatenate(out)
 
     return encode
+
+
+def _leaves(fn: Callable, rows: Any) -> Any:
+    """``fn`` on an array, or on each array of a NamedTuple of them (``NaflexImages``)."""
+    if hasattr(rows, "_fields"):
+        return type(rows)(*(fn(np.asarray(leaf)) for leaf in rows))
+    return fn(rows)
+
+
+def _pad(rows: np.ndarray, pad: int, edge: bool) -> np.ndarray:
+    extra = np.repeat(rows[-1:], pad, 0) if edge else np.zeros((pad, *rows.shape[1:]), rows.dtype)
+    return np.concatenate([rows, extra])
+
+
+BUDGET_METRICS = ("zero_shot_", "retrieval_")  # what eval.max_patches measures again
+
+
+def at_budget(results: dict, budget: int) -> dict:
+    """Zero-shot and retrieval metrics named for the NaFlex patch budget they were
+    measured at (``zero_shot_top1@64``), to sit beside the run's own."""
+    return {
+        f"{k}@{budget}": v
+        for k, v in results.items()
+        if k.startswith(BUDGET_METRICS) and "@" not in k
+    }
 
 
 def class_embeddings(

@@ -22,7 +22,7 @@ A head is chosen in the ``[head]`` table (``name``) and registered through
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -51,9 +51,13 @@ class SplitObjective:
 
     forward: Callable[..., tuple[Any, Any]]
     score: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+    # Keyword inputs of ``forward`` with one row per example, split like the batch.
+    example_inputs: tuple[str, ...] = ()
 
-    def __call__(self, params, images_BxHxWxC, tokens_BxL, labels_B, dropout_rng):
-        per_example, shared = self.forward(params, images_BxHxWxC, tokens_BxL, dropout_rng)
+    def __call__(self, params, images_BxHxWxC, tokens_BxL, labels_B, dropout_rng, **extras):
+        per_example, shared = self.forward(
+            params, images_BxHxWxC, tokens_BxL, dropout_rng, **extras
+        )
         return self.score(per_example, shared, labels_B)
 
 
@@ -61,43 +65,100 @@ def contrastive_objective(
     model: nn.Module,
     loss_fn,
     lock: str | None = None,
-    aux_weights: Mapping[str, float] | None = None,
+    aux_terms: Sequence[Any] = (),
 ) -> Objective:
     """The two towers' embeddings scored by the run's contrastive loss. ``lock``: a tower
-    run in inference mode whose embeddings pass no gradient (LiT). ``aux_weights``: the
-    model's auxiliary terms (``clip_jax.aux_terms``) by name, each term's batch mean
+    run in inference mode whose embeddings pass no gradient (LiT). ``aux_terms``: the
+    model's auxiliary terms (``clip_jax.aux_terms.AuxTerm``), each term's reduced value
     added with its weight; the contrastive loss alone is then logged as
-    ``loss/contrastive``, each term as ``loss/<name>``."""
-    extra = {"lock": lock} if lock else {}  # a plain run calls the model as it always has
-    if aux_weights:
-        extra["aux"] = True
+    ``loss/contrastive``, each term as ``loss/<name>``.
 
-    def forward(params, images_BxHxWxC, tokens_BxL, dropout_rng):
-        img_emb_BxD, txt_emb_BxD, log_scale, bias, *aux = model.apply(
+    Terms that learn from the EMA teacher make ``forward`` take the teacher's parameters,
+    the step and a random key per example for its views (``teacher=``, ``step=``,
+    ``view_keys=``): before the first term's start it skips them (``lax.cond``: no
+    teacher pass, no extra views), and each term counts from its own start on.
+    """
+    extra = {"lock": lock} if lock else {}  # a plain run calls the model as it always has
+    if aux_terms:
+        extra["aux"] = True
+    terms = {term.name: term for term in aux_terms}
+    taught = [term for term in aux_terms if term.teacher]
+
+    def apply(params, images_BxHxWxC, tokens_BxL, dropout_rng, **kwargs):
+        return model.apply(
             {"params": params},
             images_BxHxWxC,
             tokens_BxL,
             train=True,
             rngs={"dropout": dropout_rng},
             **extra,
+            **kwargs,
         )
-        return (img_emb_BxD, txt_emb_BxD, *aux), (log_scale, bias)
 
-    def score(per_example, scale_and_bias, labels_B):
+    def forward(
+        params, images_BxHxWxC, tokens_BxL, dropout_rng, teacher=None, step=None, view_keys=None
+    ):
+        if not taught:
+            img_emb_BxD, txt_emb_BxD, log_scale, bias, *aux = apply(
+                params, images_BxHxWxC, tokens_BxL, dropout_rng
+            )
+            return (img_emb_BxD, txt_emb_BxD, *aux), (log_scale, bias)
+
+        def with_teacher(params):
+            targets = model.apply(
+                {"params": {**params, **teacher}},
+                images_BxHxWxC,
+                view_keys,
+                method="teacher_targets",
+            )
+            targets = jax.lax.stop_gradient(targets)
+            return apply(
+                params,
+                images_BxHxWxC,
+                tokens_BxL,
+                dropout_rng,
+                targets=targets,
+                view_keys_B=view_keys,
+            )
+
+        def before_teacher(params):
+            *scored, outputs = apply(params, images_BxHxWxC, tokens_BxL, dropout_rng)
+            later = jax.eval_shape(with_teacher, params)[-1]
+            for term in taught:  # zeros of the shapes the term will have
+                outputs[term.name] = jax.tree.map(
+                    lambda s: jnp.zeros(s.shape, s.dtype), later[term.name]
+                )
+            return (*scored, outputs)
+
+        first = min(term.start_step for term in taught)
+        img_emb_BxD, txt_emb_BxD, log_scale, bias, outputs = jax.lax.cond(
+            step >= first, with_teacher, before_teacher, params
+        )
+        gates = {term.name: (step >= term.start_step).astype(jnp.float32) for term in taught}
+        return (img_emb_BxD, txt_emb_BxD, outputs), (log_scale, bias, gates)
+
+    def score(per_example, shared, labels_B):
         del labels_B
-        (img_emb_BxD, txt_emb_BxD, *aux), (log_scale, bias) = per_example, scale_and_bias
+        (img_emb_BxD, txt_emb_BxD, *aux), (log_scale, bias, *gates) = per_example, shared
         loss = loss_fn(img_emb_BxD, txt_emb_BxD, log_scale, bias)
         metrics = {"temperature": jnp.exp(log_scale), "logit_bias": bias}
         if aux:
             metrics["loss/contrastive"] = loss
+            gates = gates[0] if gates else {}
             for name, outputs in aux[0].items():
-                means = {key: jnp.mean(value) for key, value in outputs.items()}
-                loss = loss + aux_weights[name] * means["loss"]
-                metrics |= {f"loss/{name}": means.pop("loss")}
-                metrics |= {f"{name}/{key}": value for key, value in means.items()}
+                term = terms[name]
+                if term.reduce is None:
+                    values = {key: jnp.mean(value) for key, value in outputs.items()}
+                else:
+                    values = term.reduce(outputs)
+                if name in gates:  # a teacher's term counts from its start on
+                    values = {key: gates[name] * value for key, value in values.items()}
+                loss = loss + term.weight * values["loss"]
+                metrics |= {f"loss/{name}": values.pop("loss")}
+                metrics |= {f"{name}/{key}": value for key, value in values.items()}
         return loss, metrics
 
-    return SplitObjective(forward, score)
+    return SplitObjective(forward, score, ("view_keys",) if taught else ())
 
 
 class Head:

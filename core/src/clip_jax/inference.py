@@ -16,6 +16,7 @@ import numpy as np
 from clip_jax import spec as spec_lib
 from clip_jax import storage
 from clip_jax.components import Components, components
+from clip_jax.data.naflex import budget as naflex_budget
 from clip_jax.errors import UserError
 from clip_jax.run_folder import RunFolder
 
@@ -49,13 +50,26 @@ class LoadedClip:
         """The learned logit scale (exp of the log-scale parameter)."""
         return float(np.exp(np.asarray(self.params["logit_scale"])))
 
-    def preprocess(self, images: Any) -> np.ndarray:
+    def preprocess(self, images: Any, max_patches: int | None = None) -> Any:
         """Model inputs (BxHxWx3 float32) from file paths, PIL images or HxWx3 uint8
         arrays, with the model's own preprocessing; a float BxHxWx3 array is taken as
-        already preprocessed (what the data pipeline yields)."""
-        from clip_jax.data.images import preprocess
+        already preprocessed (what the data pipeline yields). A NaFlex run's inputs are
+        ``NaflexImages``: each image at its own aspect ratio, in at most ``max_patches``
+        patches (default the run's ``preprocess.max_patches``)."""
+        from clip_jax.data.images import naflex_images, preprocess
+        from clip_jax.models.naflex import NaflexImages, pad_batch
 
+        pre, vision = self.spec.preprocess, self.spec.model.vision
+        naflex = pre.resize == "naflex"
+        if max_patches is not None and not naflex:
+            raise UserError("max_patches is for NaFlex runs (preprocess.resize = 'naflex')")
+        if isinstance(images, NaflexImages):
+            return images
         if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype != np.uint8:
+            if naflex:  # preprocessed pixels: as many whole patches as they hold
+                side = vision.patch_size
+                count = (images.shape[1] // side) * (images.shape[2] // side)
+                return pad_batch(list(images.astype(np.float32)), side, count)
             return images.astype(np.float32)
         if (
             isinstance(images, np.ndarray)
@@ -64,12 +78,16 @@ class LoadedClip:
             or not isinstance(images, Sequence | np.ndarray)
         ):
             images = [images]
-        return preprocess(list(images), self.spec.model.vision.image_size, self.spec.preprocess)
+        if naflex:
+            budget = max_patches or naflex_budget(pre, vision.image_size, vision.patch_size)
+            return naflex_images(list(images), vision.patch_size, budget, pre)
+        return preprocess(list(images), vision.image_size, pre)
 
-    def encode_images(self, images: Any) -> np.ndarray:
+    def encode_images(self, images: Any, max_patches: int | None = None) -> np.ndarray:
         """Unit-norm embeddings of images: paths, PIL images, uint8 arrays, or a
-        preprocessed float batch."""
-        return self._images(self.preprocess(images))
+        preprocessed float batch. ``max_patches``: a NaFlex run's patch budget, for
+        finer (more) or cheaper (fewer) patches than it trained with."""
+        return self._images(self.preprocess(images, max_patches))
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self._tokens(self.tokenizer(list(texts)))

@@ -121,6 +121,7 @@ class Estimator:
             seed=spec.run.seed,
             objective=comps.objective(model),
             microbatches=spec.train.microbatches,
+            teacher=comps.teacher,
         )
         return spec, comps, abstract, step
 

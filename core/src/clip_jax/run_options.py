@@ -145,6 +145,12 @@ class EvalOptions(Options):
     zero_shot: bool = True
     retrieval: bool = True
     max_examples: int | None = Field(None, ge=1)
+    max_patches: list[Annotated[int, Field(ge=1, le=65536)]] | None = Field(
+        None,
+        min_length=1,
+        description="preprocess.resize = 'naflex': zero-shot and retrieval also at each of "
+        "these patch budgets, logged as <metric>@<budget>; none: the run's own budget only",
+    )
 
 
 class DistributedOptions(Options):

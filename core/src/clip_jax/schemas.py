@@ -229,11 +229,19 @@ class PreprocessOptions(Options):
 
     mean: tuple[float, float, float] = Field(CLIP_MEAN, description="per-channel, on 0..1")
     std: tuple[float, float, float] = Field(CLIP_STD, description="per-channel, on 0..1")
-    resize: Literal["crop", "squash"] = Field(
+    resize: Literal["crop", "squash", "naflex"] = Field(
         "crop",
-        description="crop: shorter side to size, centre crop (CLIP); squash: to size x size (SigLIP)",
+        description="crop: shorter side to size, centre crop (CLIP); squash: to size x size "
+        "(SigLIP); naflex: native aspect ratio, at most max_patches patches (SigLIP 2)",
     )
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    max_patches: int | None = Field(
+        None,
+        ge=1,
+        le=65536,
+        description="naflex: the most patches an image is cut into, its grid keeping the "
+        "aspect ratio; none: the square grid's, (image_size / patch_size)^2",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessOptions:

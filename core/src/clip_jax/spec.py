@@ -41,6 +41,7 @@ from clip_jax.run_options import (  # noqa: F401  (re-exported: clip_jax.spec.Tr
     logging_section,
 )
 from clip_jax.schemas import Options, PreprocessOptions
+from clip_jax.spec_checks import cross_table_problems
 
 FIXED_SECTIONS: dict[str, type[Options]] = {
     "run": RunOptions,
@@ -236,6 +237,8 @@ def validate(
         spec = spec_model.model_validate(raw)
     except ValidationError as exc:
         problems += [_describe(err, spec_model, raw) for err in exc.errors()]
+    else:  # across tables: only once each table is valid on its own
+        problems += cross_table_problems(spec)
     if impossible or problems:
         said = {path for path, _ in impossible}  # once, not again by pydantic or a loader
         problems = impossible + [p for p in problems if p[0] not in said]
@@ -352,8 +355,10 @@ def _describe(
     if err["type"] == "extra_forbidden":
         parent = _model_at(spec_model, loc[:-1])
         return _unknown_key(loc, list(parent.model_fields) if parent else [])
-    path = ".".join(map(str, loc))
     message = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):  # a term's name
+        loc, message = (*loc, "name"), _tag_message(err)
+    path = ".".join(map(str, loc))
     if err["type"] == "missing":
         message = "required key is missing"
     elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
@@ -361,6 +366,14 @@ def _describe(
     elif "input" in err and not isinstance(err["input"], Mapping):
         message += f" (got {err['input']!r})"
     return path, message
+
+
+def _tag_message(err: Mapping[str, Any]) -> str:
+    """Which names a table chosen by ``name`` may have, as a user reads it."""
+    expected = err.get("ctx", {}).get("expected_tags", "")
+    if err["type"] == "union_tag_not_found":
+        return f"required key is missing (one of {expected})"
+    return f"unknown name {err['ctx'].get('tag')!r}: expected one of {expected}"
 
 
 # -------------------------------------------------------------------------- output

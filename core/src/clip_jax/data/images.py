@@ -3,19 +3,22 @@
 The same ``[preprocess]`` settings as the training pipeline, done with PIL the way
 Hugging Face's image processors do it (resize the shorter side, centre crop; or resize
 to a square), so a model used here and the same model exported to transformers see the
-same pixels.
+same pixels. NaFlex runs get each image at its own aspect ratio, as padded patches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from clip_jax.errors import UserError
 from clip_jax.schemas import PreprocessOptions
+
+if TYPE_CHECKING:
+    from clip_jax.models.naflex import NaflexImages
 
 
 def to_pil(image: Any):
@@ -65,3 +68,26 @@ def preprocess(images: Sequence[Any], image_size: int, options: PreprocessOption
         pixels = np.asarray(pil, np.float32) / 255.0
         out.append((pixels - mean) / std)
     return np.stack(out) if out else np.zeros((0, image_size, image_size, 3), np.float32)
+
+
+def naflex_images(
+    images: Sequence[Any], patch: int, max_patches: int, options: PreprocessOptions
+) -> NaflexImages:
+    """NaFlex model inputs from any mix of paths, PIL images and uint8 arrays: each at
+    its own aspect ratio, resized to its ``grid_for`` grid, cut into patches, padded."""
+    from PIL import Image
+
+    from clip_jax.models.naflex import grid_for, pad_batch
+
+    if not images:
+        raise UserError("no images to encode")
+    resample = Image.BICUBIC if options.interpolation == "bicubic" else Image.BILINEAR
+    mean = np.asarray(options.mean, np.float32)
+    std = np.asarray(options.std, np.float32)
+    out = []
+    for image in images:
+        pil = to_pil(image)
+        rows, cols = grid_for(pil.size[1], pil.size[0], patch, max_patches)
+        pil = pil.resize((cols * patch, rows * patch), resample)  # PIL filters antialias
+        out.append((np.asarray(pil, np.float32) / 255.0 - mean) / std)
+    return pad_batch(out, patch, max_patches)

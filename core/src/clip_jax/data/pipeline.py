@@ -14,13 +14,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clip_jax.data.formats import TFRECORD, RecordFormat, ShardError, TfrecordFormat
+from clip_jax.data.naflex import as_images
 from clip_jax.data.tf_setup import import_tf
 from clip_jax.errors import PathError
 from clip_jax.schemas import CLIP_MEAN, CLIP_STD, PreprocessOptions
+
+if TYPE_CHECKING:
+    from clip_jax.models.naflex import NaflexImages
 
 # CLIP's normalisation constants, the default of every run's [preprocess].
 MEAN_RGB = np.array(CLIP_MEAN, dtype=np.float32)
@@ -29,7 +34,9 @@ STD_RGB = np.array(CLIP_STD, dtype=np.float32)
 
 @dataclass
 class Batch:
-    images: np.ndarray  # B x H x W x 3 float32, normalised
+    # B x H x W x 3 float32, normalised; with preprocess.resize = "naflex", a NaflexImages
+    # of numpy arrays (B x max_patches x P patches, B x 2 grids, B x max_patches flags)
+    images: np.ndarray | NaflexImages
     captions: list[str]
     labels: np.ndarray | None  # B int64, or None when the records carry no label
     next_position: int  # position in the record stream after this batch
@@ -90,8 +97,19 @@ def normalize_image(tf, image, pre: PreprocessOptions):
     return (tf.clip_by_value(image, 0.0, 1.0) - mean) / std
 
 
-def _preprocess(tf, image_bytes, image_size: int, pre: PreprocessOptions):
-    image = resize_image(tf, decode_image(tf, image_bytes), image_size, pre)
+def _preprocess(tf, image_bytes, image_size: int, pre: PreprocessOptions, patch_size=None):
+    """Encoded bytes -> the model's input: a size x size x 3 image, or with NaFlex a dict
+    of fixed-shape patch features (``data.naflex``)."""
+    image = decode_image(tf, image_bytes)
+    if pre.resize == "naflex":
+        from clip_jax.data import naflex
+
+        if not patch_size:
+            raise ValueError("preprocess.resize = 'naflex' needs the model's patch size")
+        return naflex.example(
+            tf, image, pre, patch_size, naflex.budget(pre, image_size, patch_size)
+        )
+    image = tf.ensure_shape(resize_image(tf, image, image_size, pre), (image_size, image_size, 3))
     return normalize_image(tf, image, pre)
 
 
@@ -110,8 +128,11 @@ def make_dataset(
     preprocess: PreprocessOptions | None = None,
     threads: int = 2,
     record_format: RecordFormat | None = None,
+    patch_size: int | None = None,
 ):
     """A tf.data pipeline yielding (position, image, caption[, label]) batches.
+
+    ``patch_size``: the model's, which ``preprocess.resize = "naflex"`` cuts images into.
 
     ``threads`` bounds the pipeline's own thread pool (reading, decoding, resizing), so
     that tf.data never competes with JAX for the host's cores; order does not depend on it.
@@ -134,6 +155,7 @@ def make_dataset(
             preprocess=preprocess,
             threads=threads,
             record_format=record_format,
+            patch_size=patch_size,
         ).dataset
     tf = import_tf()
     preprocess = preprocess or PreprocessOptions()
@@ -148,7 +170,7 @@ def make_dataset(
         example = tf.io.parse_single_example(record, features)
         out = {
             "position": position,
-            "image": _preprocess(tf, example[image_key], image_size, preprocess),
+            "image": _preprocess(tf, example[image_key], image_size, preprocess, patch_size),
             "caption": example[caption_key] if caption_key else tf.constant(b""),
         }
         if label_key:
@@ -214,7 +236,7 @@ def iterate(dataset, start_position: int = 0) -> Iterator[Batch]:
         seen += len(positions)
         expected = int(positions[-1]) + 1
         yield Batch(
-            images=item["image"],
+            images=as_images(item["image"]),
             captions=[c.decode("utf-8", "replace") for c in item["caption"]],
             labels=item.get("label"),
             next_position=expected,

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from clip_jax.data.formats import TFRECORD, RecordFormat
+from clip_jax.data.naflex import concat_rows
 from clip_jax.data.stream import (
     FIELDS,
     REASONS,
@@ -46,7 +47,7 @@ log = logging.getLogger("clip_jax.data")
 class LocalBatch:
     """One process's share of a global batch."""
 
-    images: np.ndarray
+    images: Any  # B x H x W x 3, or a NaflexImages (preprocess.resize = "naflex")
     captions: list[str]
     labels: np.ndarray | None
     # Each owned reader's state after this batch, (owned readers, STATE_FIELDS) int64: a
@@ -87,6 +88,7 @@ class Readers:
         preprocess: PreprocessOptions | None = None,
         labels: bool = False,
         record_format: RecordFormat = TFRECORD,
+        patch_size: int | None = None,
     ):
         count = keys.readers
         check_layout(len(files), count, global_batch, process_count)
@@ -110,6 +112,7 @@ class Readers:
                 label_key=keys.label_key if labels else None,
                 preprocess=preprocess,
                 record_format=record_format,
+                patch_size=patch_size,
             )
             for reader in self.owned
         ]
@@ -124,7 +127,7 @@ class Readers:
             for reason, n in batch.skipped.items():
                 skipped[reason] += n
         return LocalBatch(
-            images=np.concatenate([b.images for b in batches]),
+            images=concat_rows([b.images for b in batches]),
             captions=[c for b in batches for c in b.captions],
             labels=np.concatenate([b.labels for b in batches]) if self.labels else None,
             positions=np.stack([b.state for b in batches]),

@@ -33,6 +33,7 @@ from itertools import islice
 import numpy as np
 
 from clip_jax.data.formats import TFRECORD, RecordFormat, ShardError
+from clip_jax.data.naflex import as_images
 from clip_jax.data.tf_setup import import_tf
 from clip_jax.errors import UserError
 from clip_jax.schemas import PreprocessOptions
@@ -187,7 +188,7 @@ def _first(tf, sparse):
 
 
 def _decoder(
-    tf, image_size: int, image_key: str, caption_key: str, label_key: str | None, pre
+    tf, image_size: int, image_key: str, caption_key: str, label_key: str | None, pre, patch_size
 ) -> Callable:
     from clip_jax.data.pipeline import _preprocess
 
@@ -209,12 +210,11 @@ def _decoder(
         # A record to be dropped decodes a 1-pixel stand-in rather than its own image
         # (which may be missing): cheap, and one graph path for all records.
         image = tf.where(reason == _OK, image, placeholder)
-        pixels = _preprocess(tf, image, image_size, pre)
         out = {
             "position": position,
             "cursor": cursor,
             "reason": reason,
-            "image": tf.ensure_shape(pixels, (image_size, image_size, 3)),
+            "image": _preprocess(tf, image, image_size, pre, patch_size),  # fixed shapes
             "caption": caption,
         }
         if label_key:
@@ -239,7 +239,7 @@ def _counter(tf) -> Callable:
 
 @dataclass
 class ReaderBatch:
-    images: np.ndarray
+    images: np.ndarray  # B x H x W x 3, or a NaflexImages (preprocess.resize = "naflex")
     captions: list[str]
     labels: np.ndarray | None
     state: np.ndarray  # FIELDS after this batch
@@ -268,12 +268,14 @@ class ReaderStream:
         preprocess: PreprocessOptions | None = None,
         threads: int = 2,
         record_format: RecordFormat = TFRECORD,
+        patch_size: int | None = None,
     ):
         self.raw = RawStream(files, seed, reader, record_format)
         self.window = window
         self.start = np.asarray(state, np.int64).copy()
         self.failure: BaseException | None = None
         self.resume_reads: int | None = None  # records read before the first one is used
+        self.patch_size = patch_size  # the model's: NaFlex cuts images into such patches
         self.dataset = self._dataset(
             image_size, batch_size, image_key, caption_key, label_key, preprocess, threads
         )
@@ -333,7 +335,7 @@ class ReaderStream:
         )
         ds = tf.data.Dataset.from_generator(self._elements, output_signature=signature)
         ds = ds.unbatch()
-        decode = _decoder(tf, image_size, image_key, caption_key, label_key, pre)
+        decode = _decoder(tf, image_size, image_key, caption_key, label_key, pre, self.patch_size)
         ds = ds.map(decode, num_parallel_calls=threads, deterministic=True)
         ds = ds.ignore_errors().scan(tf.zeros(3, tf.int64), _counter(tf))
         ds = ds.filter(lambda item: item["reason"] == _OK)
@@ -359,7 +361,7 @@ class ReaderStream:
             raise self.failure or RuntimeError("a training stream ended") from None
 
         return ReaderBatch(
-            images=item["image"],
+            images=as_images(item["image"]),
             captions=[c.decode("utf-8", "replace") for c in item["caption"]],
             labels=item.get("label"),
             state=self._state_after(item),

@@ -126,15 +126,19 @@ class Clip(nn.Module):
         train: bool = False,
         lock: str | None = None,
         aux: bool = False,
+        targets: Any = None,
+        view_keys_B: jax.Array | None = None,
     ):
         """Embeddings of both towers plus the (log) logit scale and the bias (or 0).
 
         ``lock`` ("vision" or "text"): that tower runs in inference mode and its
         embeddings pass no gradient (LiT). ``aux``: a fifth value, the auxiliary terms'
-        per-example outputs by name.
+        per-example outputs by name. Terms that learn from the EMA teacher run only
+        with the teacher's ``targets`` (``teacher_targets``) and the same per-example
+        ``view_keys_B``.
         """
         if self.aux and (aux or self.is_initializing()):
-            return self._with_aux(images_BxHxWxC, tokens_BxL, train, aux)
+            return self._with_aux(images_BxHxWxC, tokens_BxL, train, aux, targets, view_keys_B)
         if self.head is not None and self.is_initializing():  # create the head's parameters
             if self.head.tower == "vision":
                 self.classify_images(images_BxHxWxC)
@@ -149,15 +153,44 @@ class Clip(nn.Module):
             txt_emb_BxD = jax.lax.stop_gradient(txt_emb_BxD)
         return img_emb_BxD, txt_emb_BxD, self.logit_scale, bias
 
-    def _with_aux(self, images_BxHxWxC, tokens_BxL, train: bool, aux: bool):
+    def _with_aux(self, images_BxHxWxC, tokens_BxL, train: bool, aux: bool, targets, view_keys_B):
         bias = self.logit_bias if self.init_bias is not None else jnp.zeros(())
         img_emb_BxD, image_BxNxE = self._embeddings_and_tokens(images_BxHxWxC, train)
         txt_emb_BxD = self.encode_texts(tokens_BxL, train)
-        outputs = {
-            name: term(image_BxNxE, tokens_BxL, train=train) for name, term in self.aux.items()
-        }
+        outputs = {}
+        for name, term in self.aux.items():
+            if not getattr(term, "learns_from_teacher", False):
+                outputs[name] = term(image_BxNxE, tokens_BxL, train=train)
+            elif targets is not None or self.is_initializing():
+                if view_keys_B is None:  # initialising: any views
+                    view_keys_B = jax.random.split(jax.random.key(0), tokens_BxL.shape[0])
+                mine = None if targets is None else targets[name]
+                outputs[name] = term(self._tower_outputs, images_BxHxWxC, mine, view_keys_B, train)
         scored = (img_emb_BxD, txt_emb_BxD, self.logit_scale, bias)
         return (*scored, outputs) if aux else scored
+
+    def teacher_targets(self, images_BxHxWxC: jax.Array, view_keys_B: jax.Array) -> dict:
+        """What the terms that learn from the teacher predict, by name: run with the
+        teacher's parameters in place of the student's (``clip_jax.train.teacher``), on
+        the step's global view of each image."""
+        from clip_jax.models.self_supervised import global_view
+
+        teacher = self._tower_outputs(global_view(images_BxHxWxC, view_keys_B), False)
+        return {
+            name: term.targets(teacher, view_keys_B)
+            for name, term in self.aux.items()
+            if getattr(term, "learns_from_teacher", False)
+        }
+
+    def _tower_outputs(self, images, train: bool, masked=None):
+        """The image tower's pooled features and its encoder's token sequence."""
+        from clip_jax.models.self_supervised import TowerOutputs
+
+        found: list[jax.Array] = []
+        extra = {} if masked is None else {"masked": masked}
+        with nn.intercept_methods(_encoder_output(self.vision.path, found)):
+            pooled_BxD = self.vision(images, train=train, **extra)
+        return TowerOutputs(pooled_BxD, found[-1])
 
 
 def _encoder_output(tower_path: tuple[str, ...], found: list) -> Callable:

@@ -43,9 +43,18 @@ class VisionTower(nn.Module):
     options: VisionOptions
 
     @nn.compact
-    def __call__(self, images: jax.Array | NaflexImages, train: bool = False) -> jax.Array:
+    def __call__(
+        self,
+        images: jax.Array | NaflexImages,
+        train: bool = False,
+        masked: tuple[jax.Array, jax.Array] | None = None,
+    ) -> jax.Array:
         """Pooled features of square images (B x H x W x C), or of NaFlex images (padded
-        patch sequences at native aspect ratio, ``models.naflex``) with the same weights."""
+        patch sequences at native aspect ratio, ``models.naflex``) with the same weights.
+
+        ``masked``: (B x N bool, D mask token): those patch embeddings are replaced by the
+        token before positions are added (masked prediction, ``models.self_supervised``).
+        """
         o = self.options
         dtype = DTYPES[o.dtype]
         cfg = block_config(o, dtype)
@@ -73,6 +82,9 @@ class VisionTower(nn.Module):
         )(images_BxHxWxC.astype(dtype))
         batch, grid_h, grid_w, _ = patches_BxhxwxD.shape
         x_BxNxD = patches_BxhxwxD.reshape(batch, -1, o.width)
+        if masked is not None:
+            mask_BxN, token_D = masked
+            x_BxNxD = jnp.where(mask_BxN[..., None], token_D.astype(dtype), x_BxNxD)
         if o.positions == "sincos2d":
             x_BxNxD = x_BxNxD + jnp.asarray(sincos2d(grid_h, grid_w, o.width), dtype)
         if o.pool == "tok":

@@ -22,6 +22,7 @@ import numpy as np
 
 from clip_jax import distributed
 from clip_jax.components import Components
+from clip_jax.data.naflex import patch_size_of
 from clip_jax.data.readers import Readers, data_checkpoint
 from clip_jax.errors import UserError
 from clip_jax.train import guards
@@ -241,6 +242,7 @@ class TrainLoop:
             preprocess=spec.preprocess,
             labels=head.needs_labels,
             record_format=self.comps.data.record_format,
+            patch_size=patch_size_of(spec),
         )
         labels = (lambda b: checked_labels(b, head, keys)) if head.needs_labels else None
         return Prefetch(readers, device_batches(self.comps.layout, self.tokenizer, labels))

@@ -38,19 +38,30 @@ def _merge(x: jax.Array) -> jax.Array:
     return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
 
+def _split_tree(tree: Any, k: int) -> Any:
+    """``_split`` on every array of a pytree (NaFlex images are a tuple of arrays)."""
+    return jax.tree.map(lambda x: _split(x, k), tree)
+
+
 def cached_value_and_grad(objective, k: int) -> Callable:
-    """``(params, images, tokens, labels, dropout_rng) -> ((loss, metrics), grads)`` over
-    ``k`` micro-batches. An objective without a ``forward``/``score`` split (a plugin
+    """``(params, images, tokens, labels, dropout_rng, **extras) -> ((loss, metrics),
+    grads)`` over ``k`` micro-batches; ``extras`` (the EMA teacher) reach every
+    micro-batch's ``forward`` whole, except the objective's ``example_inputs`` (a key per
+    example), split like the batch. An objective without a ``forward``/``score`` split (a plugin
     head's plain function) gets plain accumulation: the mean of the micro-batches' losses,
     metrics and gradients, exact only for losses that are a mean over examples."""
     if not (hasattr(objective, "forward") and hasattr(objective, "score")):
         return _accumulated_value_and_grad(objective, k)
 
-    def value_and_grad(params, images, tokens, labels, dropout_rng):
-        micro = (_split(images, k), _split(tokens, k), jnp.arange(k))
+    per_example_inputs = getattr(objective, "example_inputs", ())
 
-        def forward(p, images_b, tokens_b, i):
-            return objective.forward(p, images_b, tokens_b, jax.random.fold_in(dropout_rng, i))
+    def value_and_grad(params, images, tokens, labels, dropout_rng, **extras):
+        rows = {name: _split_tree(extras.pop(name), k) for name in per_example_inputs}
+        micro = (_split_tree(images, k), _split(tokens, k), jnp.arange(k), rows)
+
+        def forward(p, images_b, tokens_b, i, rows_b):
+            rng = jax.random.fold_in(dropout_rng, i)
+            return objective.forward(p, images_b, tokens_b, rng, **extras, **rows_b)
 
         def embed(carry, xs):
             return carry, forward(params, *xs)
@@ -68,8 +79,8 @@ def cached_value_and_grad(objective, k: int) -> Callable:
         d_per_example = jax.tree.map(lambda g: _split(g, k), d_per_example)
 
         def backprop(grads, xs):
-            images_b, tokens_b, i, d_micro = xs
-            _, pullback = jax.vjp(lambda p: forward(p, images_b, tokens_b, i), params)
+            images_b, tokens_b, i, rows_b, d_micro = xs
+            _, pullback = jax.vjp(lambda p: forward(p, images_b, tokens_b, i, rows_b), params)
             # Shared outputs (logit scale, bias) are counted once, with the first micro-batch.
             d_once = jax.tree.map(lambda g: jnp.where(i == 0, g, jnp.zeros_like(g)), d_shared)
             (micro_grads,) = pullback((d_micro, d_once))
@@ -84,7 +95,8 @@ def cached_value_and_grad(objective, k: int) -> Callable:
 
 def _accumulated_value_and_grad(objective, k: int) -> Callable:
     def value_and_grad(params, images, tokens, labels, dropout_rng):
-        labels = jnp.zeros(images.shape[:1], jnp.int32) if labels is None else labels
+        batch = jax.tree.leaves(images)[0].shape[0]
+        labels = jnp.zeros((batch,), jnp.int32) if labels is None else labels
         grad_fn = jax.value_and_grad(objective, has_aux=True)
 
         def step(total: Any, xs):
@@ -93,8 +105,9 @@ def _accumulated_value_and_grad(objective, k: int) -> Callable:
             out = grad_fn(params, images_b, tokens_b, labels_b, rng)
             return jax.tree.map(lambda a, b: a + b / k, total, out), None
 
-        micro = (_split(images, k), _split(tokens, k), _split(labels, k), jnp.arange(k))
-        first = jax.eval_shape(grad_fn, params, *(x[0] for x in micro[:3]), dropout_rng)
+        micro = (_split_tree(images, k), _split(tokens, k), _split(labels, k), jnp.arange(k))
+        firsts = jax.tree.map(lambda x: x[0], micro[:3])
+        first = jax.eval_shape(grad_fn, params, *firsts, dropout_rng)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
         total, _ = jax.lax.scan(step, zeros, micro)
         return total

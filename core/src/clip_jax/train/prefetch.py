@@ -29,7 +29,8 @@ Prepared = TypeVar("Prepared")
 class StepBatch:
     """A train step's batch arguments on devices, and where the readers stand after them."""
 
-    inputs: tuple[jax.Array, ...]  # images_BxHxWxC, tokens_BxL[, labels_B]: global arrays
+    # images_BxHxWxC (or a NaflexImages), tokens_BxL[, labels_B]: global arrays
+    inputs: tuple[Any, ...]
     positions: np.ndarray  # this process's readers' rows (opaque) after this batch
     skipped: dict[str, int]  # records dropped by this process's readers, by reason
 
@@ -39,14 +40,16 @@ def device_batches(
 ) -> Callable[[LocalBatch], StepBatch]:
     """What turns a process's batch into global arrays: captions tokenized, labels (when
     the head trains on them) passed through ``labels``, which may refuse them."""
-    shardings = [layout.batch_sharding(n) for n in (4, 2, 1)]
-    put = jax.make_array_from_process_local_data
+
+    def put(array: np.ndarray) -> jax.Array:  # rows split over the batch axes
+        return jax.make_array_from_process_local_data(layout.batch_sharding(array.ndim), array)
 
     def prepare(batch: LocalBatch) -> StepBatch:
         arrays = [batch.images, tokenizer(batch.captions)]
         if labels is not None:
             arrays.append(labels(batch.labels))
-        inputs = tuple(put(sharding, a) for sharding, a in zip(shardings, arrays, strict=False))
+        # Images may be a pytree (NaFlex: patches, grids, masks): each leaf goes its way.
+        inputs = tuple(jax.tree.map(put, a) for a in arrays)
         return StepBatch(inputs, batch.positions, batch.skipped)
 
     return prepare

@@ -1,6 +1,7 @@
 """The train state, created already sharded, and the jit train step.
 
-The state is a plain dict ``{"step", "params", "opt_state"}``. Its shardings come from
+The state is a plain dict ``{"step", "params", "opt_state"}`` (plus ``"teacher"``, the
+EMA teacher of ``clip_jax.train.teacher``, when an auxiliary term learns from one). Its shardings come from
 the parameters' logical axis names and the strategy's rules, and ``jax.jit`` with
 ``out_shardings`` materialises it directly in place: no device ever holds a full copy
 unless the strategy replicates.
@@ -21,8 +22,10 @@ from clip_jax.errors import UserError
 from clip_jax.sharding import Layout
 from clip_jax.train import guards
 from clip_jax.train.microbatch import cached_value_and_grad
+from clip_jax.train.teacher import TeacherSchedule, follow, teacher_keys, teacher_of
 
 State = dict[str, Any]
+VIEWS = 0x5E1F  # folded into a step's dropout key: the keys of its self-supervised views
 
 
 def dummy_inputs(spec) -> tuple[jax.Array, jax.Array]:
@@ -47,10 +50,14 @@ def param_name(path) -> str:
 def state_shardings(model: nn.Module, tx, layout: Layout, spec) -> tuple[Callable, Any, Any]:
     """(init function, abstract unboxed state, shardings) for this model and layout."""
     images, tokens = dummy_inputs(spec)
+    keys = teacher_keys(model)
 
     def boxed_init(rng: jax.Array) -> State:
         params = model.init(rng, images, tokens)["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        if keys:
+            state["teacher"] = teacher_of(params, keys)
+        return state
 
     abstract_boxed = jax.eval_shape(boxed_init, jax.random.key(0))
     logical = nn.get_partition_spec(abstract_boxed)
@@ -108,6 +115,7 @@ def make_train_step(
     objective: Callable | None = None,
     microbatches: int = 1,
     guard=None,
+    teacher: TeacherSchedule | None = None,
 ) -> Callable:
     """``train_step(state, images, tokens, labels=None) -> (state, metrics)``.
 
@@ -137,7 +145,12 @@ def make_train_step(
         dropout_rng = jax.random.fold_in(jax.random.key(seed), state["step"])
 
         inputs = (images_BxHxWxC, tokens_BxL, labels_B, dropout_rng)
-        (loss, head_metrics), grads = value_and_grad(state["params"], *inputs)
+        extras = {}
+        if teacher is not None:  # and a key per example for its views
+            views_rng = jax.random.fold_in(dropout_rng, VIEWS)
+            keys_B = jax.random.split(views_rng, tokens_BxL.shape[0])
+            extras = {"teacher": state["teacher"], "step": state["step"], "view_keys": keys_B}
+        (loss, head_metrics), grads = value_and_grad(state["params"], *inputs, **extras)
         metrics = {
             "loss": loss,
             "learning_rate": schedule(state["step"]),
@@ -158,6 +171,10 @@ def make_train_step(
                 ok, update, keep, grads, state
             )
             metrics |= guards.guard_metrics(new_state["guard"], event)
+        if teacher is not None:
+            new_state["teacher"] = follow(
+                state["teacher"], new_state["params"], state["step"], teacher
+            )
         return new_state, metrics
 
     def update(grads, state: State) -> tuple[Any, Any]:

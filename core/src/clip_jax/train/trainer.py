@@ -18,10 +18,11 @@ import numpy as np
 from clip_jax import distributed, storage
 from clip_jax import spec as spec_lib
 from clip_jax.components import Components, components
-from clip_jax.data import pipeline
+from clip_jax.data import naflex, pipeline
+from clip_jax.data.naflex import patch_size_of
 from clip_jax.data.readers import check_layout
 from clip_jax.errors import UserError
-from clip_jax.evaluate import evaluate, padded_encoder
+from clip_jax.evaluate import at_budget, evaluate, padded_encoder
 from clip_jax.models.captioning import greedy_captioner
 from clip_jax.run_folder import RunFolder, RunFolderConflict, check_run_folder  # noqa: F401
 from clip_jax.spec import RunSpec
@@ -31,6 +32,7 @@ from clip_jax.train.events import Events, RunFolderWriter, log_messages, reporte
 from clip_jax.train.loop import TrainLoop
 from clip_jax.train.progress import Progress
 from clip_jax.train.state import create_state, make_encoders, make_train_step, state_shardings
+from clip_jax.train.teacher import teacher_of
 
 
 def run_evaluation(
@@ -59,29 +61,46 @@ def run_evaluation(
     if captioner is not None:  # a captioning term: how well its decoder captions
         captions_of = padded_encoder(captioner, params, size)
         caption_images = lambda images: tokenizer.decode(captions_of(images))  # noqa: E731
-    dataset = pipeline.make_dataset(
-        source.validation_files,
-        image_size=spec.model.vision.image_size,
-        batch_size=size,
-        image_key=source.keys.image_key,
-        caption_key=source.keys.caption_key,
-        label_key=source.keys.label_key,
-        train=False,
-        preprocess=spec.preprocess,
-        record_format=source.record_format,
-    )
-    return evaluate(
-        pipeline.iterate(dataset),
+
+    def batches(preprocess):  # the validation split, preprocessed as told
+        dataset = pipeline.make_dataset(
+            source.validation_files,
+            image_size=spec.model.vision.image_size,
+            batch_size=size,
+            image_key=source.keys.image_key,
+            caption_key=source.keys.caption_key,
+            label_key=source.keys.label_key,
+            train=False,
+            preprocess=preprocess,
+            record_format=source.record_format,
+            patch_size=patch_size_of(spec),
+        )
+        return pipeline.iterate(dataset)
+
+    encode_texts = lambda texts: encode_tokens(tokenizer(texts))  # noqa: E731
+    common = {
+        "classes": source.classes,
+        "templates": source.templates,
+        "zero_shot_enabled": spec.eval.zero_shot,
+        "retrieval_enabled": spec.eval.retrieval,
+        "max_examples": spec.eval.max_examples,
+    }
+    results = evaluate(
+        batches(spec.preprocess),
         encode_images,
-        lambda texts: encode_tokens(tokenizer(texts)),
-        classes=source.classes,
-        templates=source.templates,
-        zero_shot_enabled=spec.eval.zero_shot,
-        retrieval_enabled=spec.eval.retrieval,
-        max_examples=spec.eval.max_examples,
+        encode_texts,
+        **common,
         head_scores=head_scores,
         caption_images=caption_images,
     )
+    own, vision = results, spec.model.vision
+    for budget in spec.eval.max_patches or ():  # NaFlex: the images at other budgets too
+        pre = spec.preprocess.model_copy(update={"max_patches": budget})
+        at = own  # the run's own budget: measured above
+        if budget != naflex.budget(spec.preprocess, vision.image_size, vision.patch_size):
+            at = evaluate(batches(pre), encode_images, encode_texts, **common)
+        results = results | at_budget(at, budget)
+    return results
 
 
 def load_tokenizer(comps: Components, folder: RunFolder, train_files: Sequence[str]):
@@ -193,7 +212,12 @@ def _warm_start(spec: RunSpec, tx, init, abstract, shardings, layout):
     )
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     step = jax.make_array_from_callback((), shardings["step"], lambda _: np.zeros((), np.int32))
-    return {"step": step, "params": params, "opt_state": opt_state}, bool(used)
+    state = {"step": step, "params": params, "opt_state": opt_state}
+    if "teacher" in shardings:  # the EMA teacher starts as the student
+        keys = tuple(shardings["teacher"])
+        copy = jax.jit(lambda p: teacher_of(p, keys), out_shardings=shardings["teacher"])
+        state["teacher"] = copy(params)
+    return state, bool(used)
 
 
 def _last_step(folder: RunFolder) -> int:
@@ -264,6 +288,7 @@ def _train(
         objective=comps.objective(),
         microbatches=spec.train.microbatches,
         guard=spec.train.spike,
+        teacher=comps.teacher,
     )
     encoders = make_encoders(comps.model)
     captioner = greedy_captioner(comps.model, tokenizer)  # built once: it compiles

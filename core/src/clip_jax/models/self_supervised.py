@@ -1,0 +1,318 @@
+"""SigLIP 2's last-stage terms: self-distillation (SILC) and masked prediction (TIPS).
+
+Both learn from an EMA teacher of the image tower (``clip_jax.train.teacher``), switched
+on at ``start_fraction`` of training. The teacher sees one global view of each image (a
+random crop of 40-100% of its area, at the model's resolution); the student sees
+
+- ``self_distillation``: ``local_crops`` small crops (5-40% of the area at
+  ``local_size`` px, fed as NaFlex patch sequences so the learned positions are
+  resampled to their grid) and predicts, from each, the teacher's pooled features of
+  the global view;
+- ``masked_prediction``: the same global view with ``mask_ratio`` of its patch
+  embeddings replaced by a learned mask token, and predicts the teacher's features of
+  the masked patches.
+
+Features are compared through DINO-style projection heads (MLP, L2-normalised
+bottleneck, cosine similarity to learned prototypes): the teacher's head is the EMA of
+the student's. The teacher's outputs are turned into targets by Sinkhorn-Knopp over the
+whole batch (DINOv2), which keeps them from collapsing without any running state; that
+couples the batch, so the terms reduce their outputs themselves (``AuxTerm.reduce``),
+after ``train.microbatches`` puts the batch back together.
+
+The heads exist from the first step (the state's shape never changes) and receive
+gradients only once their term is on; the paper initialises them at that point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clip_jax.aux_terms import AuxTerm, MaskedPredictionOptions, SelfDistillationOptions
+from clip_jax.errors import UserError
+from clip_jax.models.layers import dense_init, zeros
+from clip_jax.models.naflex import NaflexImages
+
+GLOBAL_SCALE = (0.4, 1.0)  # SILC's global crops: share of the image's area
+_GLOBAL, _LOCAL, _MASK = 0, 1, 2  # what each random key of a step's views is for
+
+
+class TowerOutputs(NamedTuple):
+    pooled_BxD: jax.Array  # the image tower's pooled features (before the projection)
+    tokens_BxTxD: jax.Array  # its encoder's output sequence
+
+
+# A callable the model hands to the terms: (images, train, masked=None) -> TowerOutputs.
+RunTower = Callable[..., TowerOutputs]
+
+
+def random_crops(
+    images_BxHxWxC: jax.Array,
+    keys_B: jax.Array,
+    count: int,
+    size: int,
+    scale: tuple[float, float],
+) -> jax.Array:
+    """(B * count, size, size, C): random resized crops (Inception-style: area share in
+    ``scale``, aspect ratio 3/4..4/3) with random horizontal flips, image-major. Each
+    image's crops come from its own key: the same whatever batch it is part of."""
+    batch, height, width, channels = images_BxHxWxC.shape
+
+    def crops_of(image_HxWxC, key):
+        k_area, k_ratio, k_y, k_x, k_flip = jax.random.split(key, 5)
+        area = jax.random.uniform(k_area, (count,), minval=scale[0], maxval=scale[1])
+        ratio = jnp.exp(jax.random.uniform(k_ratio, (count,), minval=-0.2877, maxval=0.2877))
+        h = jnp.minimum(jnp.sqrt(area / ratio), 1.0)  # as shares of the image's sides
+        w = jnp.minimum(jnp.sqrt(area * ratio), 1.0)
+        y0 = jax.random.uniform(k_y, (count,)) * (1.0 - h) * height
+        x0 = jax.random.uniform(k_x, (count,)) * (1.0 - w) * width
+        scale_y, scale_x = size / (h * height), size / (w * width)
+        scales = jnp.stack([scale_y, scale_x], -1)
+        shifts = jnp.stack([-y0 * scale_y, -x0 * scale_x], -1)
+
+        def crop(scale_2, shift_2):
+            return jax.image.scale_and_translate(
+                image_HxWxC.astype(jnp.float32),
+                (size, size, channels),
+                (0, 1),
+                scale_2,
+                shift_2,
+                "linear",
+            )
+
+        crops = jax.vmap(crop)(scales, shifts)
+        flip = jax.random.bernoulli(k_flip, 0.5, (count,))[:, None, None, None]
+        return jnp.where(flip, crops[:, :, ::-1], crops)
+
+    crops = jax.vmap(crops_of)(images_BxHxWxC, keys_B)
+    return crops.reshape(batch * count, size, size, channels).astype(images_BxHxWxC.dtype)
+
+
+def fold(keys_B: jax.Array, purpose: int) -> jax.Array:
+    """Each example's key for one purpose (a view, the mask)."""
+    return jax.vmap(lambda key: jax.random.fold_in(key, purpose))(keys_B)
+
+
+def global_view(images_BxHxWxC: jax.Array, keys_B: jax.Array) -> jax.Array:
+    """The step's one global view of each image, at the images' own size: the teacher
+    reads it, and the masked-prediction student reads it too (the same keys: the same
+    view)."""
+    size = images_BxHxWxC.shape[1]
+    return random_crops(images_BxHxWxC, fold(keys_B, _GLOBAL), 1, size, GLOBAL_SCALE)
+
+
+def square_patches(images_BxHxWxC: jax.Array, patch: int) -> NaflexImages:
+    """Square images as NaFlex sequences (patches in ``naflex.patchify``'s order): a ViT
+    with a learned position table for another size reads them with resampled positions."""
+    batch, height, width, channels = images_BxHxWxC.shape
+    rows, cols = height // patch, width // patch
+    grid = images_BxHxWxC.reshape(batch, rows, patch, cols, patch, channels)
+    patches = grid.transpose(0, 1, 3, 2, 4, 5).reshape(batch, rows * cols, -1)
+    grid_Bx2 = jnp.broadcast_to(jnp.array([rows, cols], jnp.int32), (batch, 2))
+    return NaflexImages(patches, grid_Bx2, jnp.ones((batch, rows * cols), jnp.bool_))
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+class ProjectionHead(nn.Module):
+    """DINO's head: MLP -> L2-normalised bottleneck -> cosine to ``prototypes`` unit
+    vectors (weight-normalised last layer). Outputs lie in [-1, 1]."""
+
+    hidden: int
+    bottleneck: int
+    prototypes: int
+
+    @nn.compact
+    def __call__(self, x_NxD: jax.Array) -> jax.Array:
+        norm_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+        x = nn.LayerNorm(scale_init=norm_init, bias_init=zeros(("embed",)), name="norm")(
+            x_NxD.astype(jnp.float32)
+        )
+        dense = partial(nn.Dense, bias_init=zeros(("mlp",)))
+        x = nn.gelu(dense(self.hidden, kernel_init=dense_init(("embed", "mlp")), name="fc1")(x))
+        x = nn.gelu(dense(self.hidden, kernel_init=dense_init((None, "mlp")), name="fc2")(x))
+        z = nn.Dense(
+            self.bottleneck,
+            kernel_init=dense_init(("mlp", None)),
+            bias_init=zeros((None,)),
+            name="bottleneck",
+        )(x)
+        prototypes_KxE = self.param(
+            "prototypes",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", None)),
+            (self.prototypes, self.bottleneck),
+        )
+        return l2_normalize(z) @ l2_normalize(prototypes_KxE).T
+
+
+def sinkhorn_targets(logits_NxK: jax.Array, temperature: float, iterations: int = 3) -> jax.Array:
+    """Rows of target probabilities from the teacher's logits: sharpened by
+    ``temperature`` and balanced by Sinkhorn-Knopp so that every prototype gets an equal
+    share of the batch (DINOv2's centering; no state carried between steps)."""
+    logits = jax.lax.stop_gradient(logits_NxK.astype(jnp.float32)) / temperature
+    q = jnp.exp(logits - jnp.max(logits))
+    rows, prototypes = q.shape
+    q = q / jnp.sum(q)
+    for _ in range(iterations):
+        q = q / jnp.maximum(jnp.sum(q, axis=0, keepdims=True), 1e-30) / prototypes
+        q = q / jnp.maximum(jnp.sum(q, axis=1, keepdims=True), 1e-30) / rows
+    return q * rows
+
+
+def distillation_values(student_NxVxK, teacher_NxK, student_t: float, teacher_t: float) -> dict:
+    """Cross-entropy of each student row (V of them per teacher row) against the teacher
+    row's Sinkhorn-Knopp target, averaged; and how often their argmaxes agree."""
+    targets_NxK = sinkhorn_targets(teacher_NxK, teacher_t)
+    log_p = jax.nn.log_softmax(student_NxVxK.astype(jnp.float32) / student_t, axis=-1)
+    cross_entropy = -jnp.sum(targets_NxK[:, None] * log_p, axis=-1)
+    agree = jnp.argmax(student_NxVxK, -1) == jnp.argmax(teacher_NxK, -1)[:, None]
+    return {"loss": jnp.mean(cross_entropy), "agreement": jnp.mean(agree.astype(jnp.float32))}
+
+
+class SelfDistillationTerm(nn.Module):
+    """Local crops (student) predict the teacher's pooled features of the global view."""
+
+    options: SelfDistillationOptions
+    local_size: int
+    patch_size: int
+    as_patches: bool  # local crops as NaFlex sequences (a learned square position table)
+    learns_from_teacher = True
+
+    def setup(self) -> None:
+        o = self.options
+        self.head = ProjectionHead(o.head_hidden, o.bottleneck, o.prototypes)
+
+    def targets(self, teacher: TowerOutputs, view_keys_B: jax.Array) -> dict[str, jax.Array]:
+        return {"teacher": self.head(teacher.pooled_BxD)}
+
+    def __call__(
+        self, tower: RunTower, images_BxHxWxC, targets: dict | None, view_keys_B, train: bool
+    ) -> dict[str, jax.Array]:
+        o, batch = self.options, images_BxHxWxC.shape[0]
+        keys_B = fold(view_keys_B, _LOCAL)
+        crops = random_crops(images_BxHxWxC, keys_B, o.local_crops, self.local_size, o.local_scale)
+        inputs = square_patches(crops, self.patch_size) if self.as_patches else crops
+        student = self.head(tower(inputs, train).pooled_BxD)
+        outputs = {"student": student.reshape(batch, o.local_crops, -1)}
+        return outputs if targets is None else outputs | targets
+
+
+class MaskedPredictionTerm(nn.Module):
+    """The masked global view's patch features (student) predict the teacher's."""
+
+    options: MaskedPredictionOptions
+    patches: int  # of the global view
+    prefix: int  # tokens before the patches (a class token)
+    width: int
+    learns_from_teacher = True
+
+    def setup(self) -> None:
+        o = self.options
+        self.head = ProjectionHead(o.head_hidden, o.bottleneck, o.prototypes)
+        self.mask_token = self.param(
+            "mask_token",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+            (self.width,),
+        )
+
+    @property
+    def masked_count(self) -> int:
+        return max(1, round(self.patches * self.options.mask_ratio))
+
+    def _masked(self, view_keys_B: jax.Array) -> jax.Array:
+        """(B, M) indices of the masked patches: the same for teacher and student."""
+        draw = lambda key: jax.random.uniform(key, (self.patches,))  # noqa: E731
+        scores_BxN = jax.vmap(draw)(fold(view_keys_B, _MASK))
+        return jax.lax.top_k(scores_BxN, self.masked_count)[1]
+
+    def _pick(self, tokens_BxTxD: jax.Array, index_BxM: jax.Array) -> jax.Array:
+        patches_BxNxD = tokens_BxTxD[:, self.prefix : self.prefix + self.patches]
+        return jnp.take_along_axis(patches_BxNxD, index_BxM[..., None], axis=1)
+
+    def targets(self, teacher: TowerOutputs, view_keys_B: jax.Array) -> dict[str, jax.Array]:
+        index_BxM = self._masked(view_keys_B)
+        return {"teacher": self.head(self._pick(teacher.tokens_BxTxD, index_BxM))}
+
+    def __call__(
+        self, tower: RunTower, images_BxHxWxC, targets: dict | None, view_keys_B, train: bool
+    ) -> dict[str, jax.Array]:
+        batch = images_BxHxWxC.shape[0]
+        index_BxM = self._masked(view_keys_B)
+        mask_BxN = jnp.zeros((batch, self.patches), jnp.bool_)
+        mask_BxN = mask_BxN.at[jnp.arange(batch)[:, None], index_BxM].set(True)
+        view = global_view(images_BxHxWxC, view_keys_B)
+        tokens = tower(view, train, masked=(mask_BxN, self.mask_token)).tokens_BxTxD
+        outputs = {"student": self.head(self._pick(tokens, index_BxM))}
+        return outputs if targets is None else outputs | targets
+
+
+def _reduce(options, outputs: dict) -> dict:
+    student, teacher = outputs["student"], outputs["teacher"]
+    if teacher.ndim == 3:  # masked prediction: (B, M, K), each masked patch its own row
+        student = student.reshape(-1, 1, student.shape[-1])
+        teacher = teacher.reshape(-1, teacher.shape[-1])
+    return distillation_values(
+        student, teacher, options.student_temperature, options.teacher_temperature
+    )
+
+
+def _vision(spec, term: str):
+    vision = getattr(spec.model, "vision", None)
+    if vision is None or not hasattr(vision, "patch_size"):
+        raise UserError(
+            f"loss.aux: {term!r} learns from a teacher of the ViT image tower, and "
+            f"architecture {spec.model.architecture!r} has none"
+        )
+    return vision  # NaFlex batches are refused with the spec (spec_checks)
+
+
+def _start(options, spec) -> int:
+    return round(options.start_fraction * spec.train.steps)
+
+
+def self_distillation(options: SelfDistillationOptions, spec) -> AuxTerm:
+    """Factory registered as auxiliary term ``self_distillation``."""
+    vision = _vision(spec, "self_distillation")
+    patch = vision.patch_size
+    size = options.local_size or max(patch, vision.image_size // 2 // patch * patch)
+    if size % patch:
+        raise UserError(
+            f"loss.aux: self_distillation.local_size ({size}) must be a multiple of "
+            f"model.vision.patch_size ({patch})"
+        )
+    as_patches = vision.positions == "learned" and size != vision.image_size
+    module = SelfDistillationTerm(options, size, patch, as_patches)
+    return AuxTerm(
+        "self_distillation",
+        module,
+        options.weight,
+        reduce=partial(_reduce, options),
+        teacher=True,
+        start_step=_start(options, spec),
+        teacher_momentum=options.teacher_momentum,
+    )
+
+
+def masked_prediction(options: MaskedPredictionOptions, spec) -> AuxTerm:
+    """Factory registered as auxiliary term ``masked_prediction``."""
+    vision = _vision(spec, "masked_prediction")
+    patches = (vision.image_size // vision.patch_size) ** 2
+    prefix = int(vision.pool == "tok")
+    module = MaskedPredictionTerm(options, patches, prefix, vision.width)
+    return AuxTerm(
+        "masked_prediction",
+        module,
+        options.weight,
+        reduce=partial(_reduce, options),
+        teacher=True,
+        start_step=_start(options, spec),
+        teacher_momentum=options.teacher_momentum,
+    )

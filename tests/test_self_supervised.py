@@ -1,0 +1,311 @@
+"""SigLIP 2's last stage: self-distillation and masked prediction against an EMA teacher.
+
+Values and gradients against plain references written here, the views, the teacher's
+schedule, micro-batches, and (slow) a real run whose teacher resumes bit for bit."""
+
+import tomllib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clip_jax.components import components
+from clip_jax.models.naflex import patchify
+from clip_jax.models.self_supervised import (
+    distillation_values,
+    random_crops,
+    sinkhorn_targets,
+    square_patches,
+)
+from clip_jax.spec import SpecError, to_toml, validate
+from clip_jax.train.teacher import TeacherSchedule, follow, teacher_of
+from tests.test_aux_terms import raw_spec
+
+HEAD = {"prototypes": 32, "head_hidden": 32, "bottleneck": 16}
+TERMS = [
+    {"name": "self_distillation", "local_crops": 2, **HEAD},
+    {"name": "masked_prediction", **HEAD},
+]
+
+
+# ------------------------------------------------------------------------- spec
+def test_terms_resolve_with_the_papers_defaults_and_read_back_equal():
+    spec = validate(raw_spec([{"name": "self_distillation"}, {"name": "masked_prediction"}]))
+    distill, masked = spec.loss.aux
+    assert (distill.weight, distill.start_fraction, distill.local_crops) == (1.0, 0.8, 8)
+    assert (masked.weight, masked.mask_ratio, masked.start_fraction) == (0.25, 0.5, 0.8)
+    assert validate(tomllib.loads(to_toml(spec))) == spec
+
+
+@pytest.mark.parametrize(
+    "entries, key",
+    [
+        ([{"name": "self_distillation", "local_scale": [0.5, 0.1]}], "loss.aux.0"),
+        ([{"name": "masked_prediction", "mask_ratio": 1.0}], "loss.aux.0.mask_ratio"),
+        ([{"name": "self_distillation", "start_fraction": 1.5}], "loss.aux.0.start_fraction"),
+        (
+            [
+                {"name": "self_distillation", "teacher_momentum": 0.99},
+                {"name": "masked_prediction", "teacher_momentum": 0.9},
+            ],
+            "loss.aux",
+        ),
+        ([{"name": "self_distilation"}], "loss.aux.0.name"),
+    ],
+)
+def test_a_wrong_teacher_term_names_its_key(entries, key):
+    with pytest.raises(SpecError) as caught:
+        validate(raw_spec(entries))
+    assert caught.value.key == key, caught.value.problems
+
+
+def test_a_local_size_off_the_patch_grid_is_refused():
+    from clip_jax.errors import UserError
+
+    raw = raw_spec([{"name": "self_distillation", "local_size": 12}])
+    with pytest.raises(UserError, match="local_size"):
+        _ = components(validate(raw)).aux_terms
+
+
+# -------------------------------------------------------------- plain references
+def reference_sinkhorn(logits, temperature, iterations=3):
+    q = np.exp(logits / temperature)
+    q /= q.sum()
+    rows, prototypes = q.shape
+    for _ in range(iterations):
+        q /= q.sum(axis=0, keepdims=True) * prototypes
+        q /= q.sum(axis=1, keepdims=True) * rows
+    return q * rows
+
+
+def test_sinkhorn_targets_match_a_plain_reference_and_balance_the_prototypes():
+    logits = np.random.default_rng(0).uniform(-1, 1, size=(6, 4)).astype(np.float32)
+    targets = np.asarray(sinkhorn_targets(jnp.asarray(logits), 0.5))
+    np.testing.assert_allclose(
+        targets, reference_sinkhorn(logits.astype(np.float64), 0.5), rtol=1e-5
+    )
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-5)  # each row a distribution
+    np.testing.assert_allclose(targets.sum(axis=0), 6 / 4, rtol=0.05)  # prototypes shared out
+
+
+def test_distillation_value_and_gradient_match_a_plain_reference():
+    rng = np.random.default_rng(1)
+    student = rng.uniform(-1, 1, size=(3, 2, 5)).astype(np.float32)  # 2 views per image
+    teacher = rng.uniform(-1, 1, size=(3, 5)).astype(np.float32)
+    t_s, t_t = 0.1, 0.05
+
+    def value(s):
+        return distillation_values(s, jnp.asarray(teacher), t_s, t_t)["loss"]
+
+    loss, grad = jax.value_and_grad(value)(jnp.asarray(student))
+    q = reference_sinkhorn(teacher.astype(np.float64), t_t)
+    z = student.astype(np.float64) / t_s
+    log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    expected = -(q[:, None] * log_p).sum(-1).mean()
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    # d/dz of -sum(q log softmax z) = softmax(z) - q, averaged over 3 x 2 rows, / t_s
+    expected_grad = (np.exp(log_p) - q[:, None]) / 6 / t_s
+    np.testing.assert_allclose(grad, expected_grad, atol=1e-5)
+
+
+# --------------------------------------------------------------------- views
+def test_each_images_crops_depend_on_its_own_key_only():
+    images = np.random.default_rng(2).normal(size=(3, 16, 16, 3)).astype(np.float32)
+    images[2] = 0.25  # a constant image crops to the constant
+    keys = jax.random.split(jax.random.key(0), 3)
+    crops = random_crops(jnp.asarray(images), keys, 2, 8, (0.05, 0.4))
+    assert crops.shape == (6, 8, 8, 3)
+    alone = random_crops(jnp.asarray(images[1:2]), keys[1:2], 2, 8, (0.05, 0.4))
+    np.testing.assert_allclose(crops[2:4], alone, atol=1e-6)
+    assert not np.allclose(crops[0], crops[1])  # two views of one image differ
+    np.testing.assert_allclose(crops[4:], 0.25, atol=1e-6)
+
+
+def test_square_patches_are_naflex_patches():
+    image = np.random.default_rng(3).normal(size=(16, 24, 3)).astype(np.float32)
+    naflex = square_patches(jnp.asarray(image[None]), 8)
+    np.testing.assert_array_equal(naflex.patches_BxNxP[0], patchify(image, 8))
+    assert naflex.grid_Bx2.tolist() == [[2, 3]] and bool(naflex.valid_BxN.all())
+
+
+# ------------------------------------------------------------- EMA teacher
+def test_the_teacher_is_the_student_until_the_start_then_follows_it():
+    schedule = TeacherSchedule(("vision",), start_step=3, momentum=0.9)
+    teacher = {"vision": {"w": jnp.array([1.0, 2.0])}}
+    student = {"vision": {"w": jnp.array([3.0, 6.0])}, "text": {"w": jnp.zeros(2)}}
+    copied = follow(teacher, student, jnp.int32(2), schedule)  # step 3 reads the student
+    np.testing.assert_array_equal(copied["vision"]["w"], [3.0, 6.0])
+    moved = follow(teacher, student, jnp.int32(3), schedule)
+    np.testing.assert_allclose(moved["vision"]["w"], [0.9 * 1 + 0.1 * 3, 0.9 * 2 + 0.1 * 6])
+    assert set(moved) == {"vision"}  # the text tower has no teacher
+
+
+# ------------------------------------------------------------------ the objective
+@pytest.fixture(scope="module")
+def taught():
+    raw = raw_spec(TERMS)
+    raw["model"]["vision"]["patch_size"] = 8
+    raw["train"]["steps"] = 10
+    comps = components(validate(raw))
+    size = comps.spec.model.vision.image_size
+    rng = np.random.default_rng(4)
+    images = jnp.asarray(rng.normal(size=(8, size, size, 3)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(1, 64, size=(8, 8)), jnp.int32)
+    params = nn.meta.unbox(jax.jit(comps.model.init)(jax.random.key(0), images, tokens))
+    params = params["params"]
+    # A teacher a little away from the student, as after some EMA steps.
+    noise = lambda x: x + 0.05 * jax.random.normal(jax.random.key(7), x.shape)  # noqa: E731
+    teacher = jax.tree.map(noise, teacher_of(params, comps.teacher.keys))
+    extras = {"teacher": teacher, "view_keys": jax.random.split(jax.random.key(9), 8)}
+    grad_fn = jax.jit(jax.value_and_grad(comps.objective(), has_aux=True))
+    return comps, params, images, tokens, extras, grad_fn
+
+
+def test_the_schedule_starts_at_the_terms_fraction():
+    raw = raw_spec(TERMS)
+    raw["train"]["steps"] = 10
+    comps = components(validate(raw))
+    assert comps.teacher.start_step == 8 and comps.teacher.momentum == 0.996
+    assert comps.teacher.keys == ("vision", "aux_self_distillation", "aux_masked_prediction")
+
+
+@pytest.mark.slow  # compiles the model
+def test_before_the_start_the_terms_add_nothing_and_train_nothing(taught):
+    comps, params, images, tokens, extras, grad_fn = taught
+    (loss, metrics), grads = grad_fn(
+        params, images, tokens, None, jax.random.key(2), step=jnp.int32(7), **extras
+    )
+    assert float(metrics["loss/self_distillation"]) == float(metrics["loss/masked_prediction"]) == 0
+    np.testing.assert_allclose(loss, metrics["loss/contrastive"])
+    for name in ("aux_self_distillation", "aux_masked_prediction"):
+        assert all(float(jnp.abs(g).sum()) == 0 for g in jax.tree.leaves(grads[name])), name
+
+
+@pytest.mark.slow  # compiles the model twice more
+def test_after_the_start_the_total_adds_each_weighted_term_computed_by_hand(taught):
+    comps, params, images, tokens, extras, grad_fn = taught
+    (loss, metrics), grads = grad_fn(
+        params, images, tokens, None, jax.random.key(2), step=jnp.int32(8), **extras
+    )
+    model, keys = comps.model, extras["view_keys"]
+    merged = {**params, **extras["teacher"]}
+    targets = model.apply({"params": merged}, images, keys, method="teacher_targets")
+    out = model.apply(
+        {"params": params},
+        images,
+        tokens,
+        train=True,
+        aux=True,
+        targets=targets,
+        view_keys_B=keys,
+        rngs={"dropout": jax.random.key(2)},
+    )
+    img, txt, log_scale, bias, outputs = out
+    contrastive = comps.loss.fn(img, txt, log_scale, bias)
+    sd = outputs["self_distillation"]  # student (B, 2 views, K), teacher (B, K)
+    assert sd["student"].shape == (8, 2, 32) and sd["teacher"].shape == (8, 32)
+    mp = outputs["masked_prediction"]  # 8 of 16 patches masked: (B, 8, K) each
+    assert mp["student"].shape == mp["teacher"].shape == (8, 8, 32)
+
+    def hand(student, teacher):  # the same cross-entropy, written out with numpy
+        q = reference_sinkhorn(np.asarray(teacher, np.float64), 0.05)
+        z = np.asarray(student, np.float64) / 0.1
+        log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        return -(q[:, None] * log_p).sum(-1).mean()
+
+    distill = hand(sd["student"], sd["teacher"])
+    masked = hand(mp["student"].reshape(64, 1, 32), mp["teacher"].reshape(64, 32))
+    np.testing.assert_allclose(metrics["loss/self_distillation"], distill, rtol=1e-4)
+    np.testing.assert_allclose(metrics["loss/masked_prediction"], masked, rtol=1e-4)
+    np.testing.assert_allclose(loss, contrastive + distill + 0.25 * masked, rtol=1e-4)
+    assert float(jnp.abs(grads["aux_masked_prediction"]["mask_token"]).sum()) > 0
+    assert float(jnp.abs(grads["aux_self_distillation"]["head"]["fc1"]["kernel"]).sum()) > 0
+
+
+@pytest.mark.slow  # compiles the model over micro-batches
+def test_micro_batches_give_the_full_batch_terms_and_gradients(taught):
+    from clip_jax.train.microbatch import cached_value_and_grad
+
+    comps, params, images, tokens, extras, grad_fn = taught
+    inputs = (params, images, tokens, None, jax.random.key(2))
+    (loss, metrics), grads = grad_fn(*inputs, step=jnp.int32(9), **extras)
+    micro = jax.jit(cached_value_and_grad(comps.objective(), 2))
+    (loss2, metrics2), grads2 = micro(*inputs, step=jnp.int32(9), **extras)
+    np.testing.assert_allclose(loss2, loss, rtol=1e-5)
+    for name in ("loss/self_distillation", "loss/masked_prediction"):
+        np.testing.assert_allclose(metrics2[name], metrics[name], rtol=1e-5)
+    scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(grads))
+    for a, b in zip(jax.tree.leaves(grads2), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(a / scale, b / scale, atol=2e-5)
+
+
+# ----------------------------------------------------------------- a real run
+@pytest.mark.slow
+def test_a_run_logs_every_term_and_its_teacher_resumes_bit_for_bit(small_run):
+    """8 steps, terms on from step 4, checkpoints at 4 and 8; the checkpoint at 8 is
+    removed and the run resumed from 4: the same losses and the same teacher at 8."""
+    import shutil
+
+    from clip_jax.run_folder import RunFolder
+    from clip_jax.spec import load_spec
+    from clip_jax.train.checkpoint import Checkpoints
+    from clip_jax.train.state import state_shardings
+    from clip_jax.train.trainer import train
+    from tests.conftest import QUICKSTART
+
+    terms = ", ".join(
+        "{" + ", ".join(f"{k} = {v!r}".replace("'", '"') for k, v in term.items()) + "}"
+        for term in [{**t, "start_fraction": 0.5} for t in TERMS]
+    )
+    steps = ["train.steps=8", "train.checkpoint_every=4", "train.log_every=1"]
+    spec = load_spec(QUICKSTART, small_run + [f"loss.aux=[{terms}]", *steps])
+    train(spec)
+    folder = RunFolder(spec.run.output_dir)
+    records = [r for r in folder.metrics() if r["split"] == "train"]
+    assert {"loss/self_distillation", "loss/masked_prediction"} <= set(records[-1])
+    before = [r["loss/self_distillation"] for r in records if r["step"] <= 4]
+    after = [r["loss/self_distillation"] for r in records if r["step"] > 4]
+    assert before == [0.0] * 4 and all(value > 0 for value in after)
+
+    comps = components(spec)
+    tx, _ = comps.optimizer()
+    _, abstract, _ = state_shardings(comps.model, tx, comps.layout, spec)
+
+    def saved(step):
+        checkpoints = Checkpoints(folder.checkpoints, 3, 1)
+        state = checkpoints.restore(step, abstract)[0]
+        checkpoints.close()
+        return {k: np.asarray(v) for k, v in flat(state["teacher"]).items()}, state
+
+    teacher_8, state_8 = saved(8)
+    teacher_4, _ = saved(4)
+    vision_8 = flat(state_8["params"]["vision"])
+    moved = [k for k in teacher_8 if k.startswith("vision/") and k in teacher_4]
+    assert any(not np.array_equal(teacher_8[k], teacher_4[k]) for k in moved)
+    # The EMA lags the student: after 4 steps of momentum 0.996 it is not the student.
+    assert any(not np.array_equal(teacher_8[f"vision/{k}"], vision_8[k]) for k in vision_8)
+
+    shutil.rmtree(folder.checkpoints / "8")
+    train(spec)  # resumes from 4
+    resumed = [r for r in folder.metrics() if r["split"] == "train"]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in records]
+    again, _ = saved(8)
+    for name, value in teacher_8.items():
+        assert again[name].tobytes() == value.tobytes(), name
+
+
+def flat(tree) -> dict:
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def test_teacher_terms_on_naflex_batches_are_refused_naming_the_term():
+    raw = raw_spec([{"name": "captioning"}, {"name": "masked_prediction"}])
+    raw["preprocess"] = {"resize": "naflex"}
+    with pytest.raises(SpecError) as caught:
+        validate(raw)
+    assert caught.value.key == "loss.aux.1.name", caught.value.problems
