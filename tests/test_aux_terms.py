@@ -226,3 +226,33 @@ def test_a_term_composes_with_the_chunked_loss_on_the_mesh():
             )
         losses[name] = (float(loss), float(metrics["loss/captioning"]))
     np.testing.assert_allclose(losses["chunked_sigmoid"], losses["sigmoid"], rtol=1e-5)
+
+
+@pytest.mark.slow  # compiles the model and the greedy decoder
+def test_the_decoder_does_not_read_naflex_padding():
+    """The same image padded to two budgets: the same captioning values (the decoder's
+    cross-attention skips the padding tokens, as the tower's attention does)."""
+    from clip_jax.models.naflex import pad_batch
+
+    raw = raw_spec([{"name": "captioning", "depth": 1, "parallel_fraction": 0.0}])
+    raw["model"]["vision"]["patch_size"] = 8
+    raw["preprocess"] = {"resize": "naflex"}
+    comps = components(validate(raw))
+    image = np.random.default_rng(5).normal(size=(16, 8, 3)).astype(np.float32)  # 2 x 1 patches
+    tokens = jnp.asarray(np.random.default_rng(6).integers(1, 64, size=(1, 8)), jnp.int32)
+    short, long = pad_batch([image], 8, 2), pad_batch([image], 8, 16)
+    params = jax.jit(comps.model.init)(jax.random.key(0), long, tokens)
+
+    @jax.jit
+    def captioning(images):
+        return comps.model.apply(params, images, tokens, aux=True)[-1]["captioning"]
+
+    np.testing.assert_allclose(captioning(short)["loss"], captioning(long)["loss"], rtol=1e-5)
+    from clip_jax.models.captioning import greedy_captioner
+
+    class Tokenizer:  # what the captioner needs of one
+        eos_id = 2
+        decode = None
+
+    decode = greedy_captioner(comps.model, Tokenizer())
+    np.testing.assert_array_equal(decode(params["params"], short), decode(params["params"], long))

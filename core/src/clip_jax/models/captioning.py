@@ -48,14 +48,23 @@ class CaptioningTerm(nn.Module):
         )
 
     def logits(
-        self, image_BxNxE: jax.Array, inputs_BxL: jax.Array, parallel_B=None, train=False
+        self,
+        image_BxNxE: jax.Array,
+        inputs_BxL: jax.Array,
+        parallel_B=None,
+        train=False,
+        image_valid_BxN=None,
     ) -> jax.Array:
         """Next-token logits over the text vocabulary (the decoder's own ids excluded)."""
-        logits = self.decoder(image_BxNxE, inputs_BxL, parallel_B, train=train)
+        logits = self.decoder(image_BxNxE, inputs_BxL, parallel_B, train, image_valid_BxN)
         return logits[..., : self.vocab_size]
 
     def __call__(
-        self, image_BxNxE: jax.Array, tokens_BxL: jax.Array, train: bool = False
+        self,
+        image_BxNxE: jax.Array,
+        tokens_BxL: jax.Array,
+        train: bool = False,
+        image_valid_BxN: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         batch = tokens_BxL.shape[0]
         parallel_B = None
@@ -63,7 +72,7 @@ class CaptioningTerm(nn.Module):
             draw_B = jax.random.uniform(self.make_rng("dropout"), (batch,))
             parallel_B = draw_B < self.options.parallel_fraction
         inputs_BxL = teacher_inputs(tokens_BxL, self.bos_id)
-        logits_BxLxV = self.logits(image_BxNxE, inputs_BxL, parallel_B, train)
+        logits_BxLxV = self.logits(image_BxNxE, inputs_BxL, parallel_B, train, image_valid_BxN)
         return per_example_captioning(logits_BxLxV, tokens_BxL, self.pad_id)
 
 
@@ -118,10 +127,13 @@ def greedy_captioner(model: nn.Module, tokenizer, max_length: int | None = None)
 
     def decode(params, images_BxHxWxC):
         image_BxNxE = model.apply({"params": params}, images_BxHxWxC, method="image_tokens")
+        valid_BxN = model.apply(
+            {"params": params}, images_BxHxWxC, image_BxNxE, method="image_token_valid"
+        )
 
         def logits(image, inputs):
             variables = {"params": params["aux_captioning"]}
-            return term.apply(variables, image, inputs, method="logits")
+            return term.apply(variables, image, inputs, image_valid_BxN=valid_BxN, method="logits")
 
         return greedy_decode(logits, image_BxNxE, length, term.bos_id, eos_id, term.pad_id)
 

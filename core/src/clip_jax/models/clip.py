@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from clip_jax.errors import UserError
 from clip_jax.models.layers import DTYPES, block_config, dense_init, zeros
+from clip_jax.models.naflex import NaflexImages
 from clip_jax.models.text import TextTower
 from clip_jax.models.vit import VisionTower
 from clip_jax.schemas import ClipOptions
@@ -82,6 +83,18 @@ class Clip(nn.Module):
     def image_tokens(self, images_BxHxWxC: jax.Array, train: bool = False) -> jax.Array:
         """The image tower's token sequence (its ``encoder`` submodule's output)."""
         return self._embeddings_and_tokens(images_BxHxWxC, train)[1]
+
+    def image_token_valid(self, images, image_BxNxE: jax.Array) -> jax.Array | None:
+        """Which of the image tower's tokens are the image's: for NaFlex images, the
+        valid patches between the class token and the registers; None (all) otherwise."""
+        if not isinstance(images, NaflexImages):
+            return None
+        options = getattr(self.vision, "options", None)
+        batch, tokens = image_BxNxE.shape[:2]
+        first = int(getattr(options, "pool", "") == "tok")
+        rest = tokens - first - images.valid_BxN.shape[1]
+        ones = lambda n: jnp.ones((batch, n), jnp.bool_)  # noqa: E731
+        return jnp.concatenate([ones(first), images.valid_BxN, ones(rest)], axis=1)
 
     def _embeddings_and_tokens(self, images_BxHxWxC, train: bool) -> tuple[jax.Array, jax.Array]:
         found: list[jax.Array] = []
@@ -158,9 +171,11 @@ class Clip(nn.Module):
         img_emb_BxD, image_BxNxE = self._embeddings_and_tokens(images_BxHxWxC, train)
         txt_emb_BxD = self.encode_texts(tokens_BxL, train)
         outputs = {}
+        valid_BxN = self.image_token_valid(images_BxHxWxC, image_BxNxE)
+        extra = {} if valid_BxN is None else {"image_valid_BxN": valid_BxN}  # NaFlex padding
         for name, term in self.aux.items():
             if not getattr(term, "learns_from_teacher", False):
-                outputs[name] = term(image_BxNxE, tokens_BxL, train=train)
+                outputs[name] = term(image_BxNxE, tokens_BxL, train=train, **extra)
             elif targets is not None or self.is_initializing():
                 if view_keys_B is None:  # initialising: any views
                     view_keys_B = jax.random.split(jax.random.key(0), tokens_BxL.shape[0])

@@ -29,14 +29,20 @@ class DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array, image_BxNxD: jax.Array
+        self,
+        x_BxLxD: jax.Array,
+        mask_Bx1xLxL: jax.Array,
+        image_BxNxD: jax.Array,
+        image_mask_Bx1x1xN: jax.Array | None = None,
     ) -> jax.Array:
         drop = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
         h = make_norm(self.cfg, "ln_1")(x_BxLxD)
         x_BxLxD = x_BxLxD + drop(Attention(self.cfg, name="self_attn")(h, mask_Bx1xLxL))
         h = make_norm(self.cfg, "ln_2")(x_BxLxD)
         cross = dataclasses.replace(self.cfg, rotary=False)
-        x_BxLxD = x_BxLxD + drop(Attention(cross, name="cross_attn")(h, None, image_BxNxD))
+        x_BxLxD = x_BxLxD + drop(
+            Attention(cross, name="cross_attn")(h, image_mask_Bx1x1xN, image_BxNxD)
+        )
         h = make_norm(self.cfg, "ln_3")(x_BxLxD)
         return x_BxLxD + drop(Mlp(self.cfg, name="mlp")(h))
 
@@ -58,7 +64,10 @@ class CaptionDecoder(nn.Module):
         inputs_BxL: jax.Array,
         parallel_B: jax.Array | None = None,
         train: bool = False,
+        image_valid_BxN: jax.Array | None = None,
     ) -> jax.Array:
+        """``image_valid_BxN``: which image tokens are the image's (NaFlex padding is not
+        attended to); None: all."""
         cfg, (batch, length) = self.cfg, inputs_BxL.shape
         if length > self.max_length:
             raise ValueError(f"got {length} tokens, the decoder's max_length is {self.max_length}")
@@ -90,9 +99,10 @@ class CaptionDecoder(nn.Module):
             cfg.param_dtype,
         )
         x_BxLxD = x_BxLxD + pos_LxD[:length].astype(cfg.dtype)
+        image_mask = None if image_valid_BxN is None else image_valid_BxN[:, None, None, :]
         for i in range(self.depth):
             x_BxLxD = DecoderBlock(cfg, not train, name=f"block_{i}")(
-                x_BxLxD, mask_Bx1xLxL, image_BxNxD
+                x_BxLxD, mask_Bx1xLxL, image_BxNxD, image_mask
             )
         x_BxLxD = make_norm(cfg, "ln_final")(x_BxLxD)
         logits = nn.Dense(
