@@ -44,13 +44,20 @@ def to_pil(image: Any):
     return Image.fromarray(array, "RGB")
 
 
-def preprocess(images: Sequence[Any], image_size: int, options: PreprocessOptions) -> np.ndarray:
-    """BxHxWx3 float32 model inputs from any mix of paths, PIL images and uint8 arrays."""
+def _pil_steps(options: PreprocessOptions) -> tuple[Any, Any]:
+    """PIL's resampling filter for the spec's interpolation, and image -> normalised
+    float32 pixels."""
     from PIL import Image
 
     resample = Image.BICUBIC if options.interpolation == "bicubic" else Image.BILINEAR
     mean = np.asarray(options.mean, np.float32)
     std = np.asarray(options.std, np.float32)
+    return resample, lambda pil: (np.asarray(pil, np.float32) / 255.0 - mean) / std
+
+
+def preprocess(images: Sequence[Any], image_size: int, options: PreprocessOptions) -> np.ndarray:
+    """BxHxWx3 float32 model inputs from any mix of paths, PIL images and uint8 arrays."""
+    resample, normalize = _pil_steps(options)
     out = []
     for image in images:
         pil = to_pil(image)
@@ -65,8 +72,7 @@ def preprocess(images: Sequence[Any], image_size: int, options: PreprocessOption
                 pil = pil.resize(size, resample)
             left, top = (pil.size[0] - image_size) // 2, (pil.size[1] - image_size) // 2
             pil = pil.crop((left, top, left + image_size, top + image_size))
-        pixels = np.asarray(pil, np.float32) / 255.0
-        out.append((pixels - mean) / std)
+        out.append(normalize(pil))
     return np.stack(out) if out else np.zeros((0, image_size, image_size, 3), np.float32)
 
 
@@ -75,19 +81,14 @@ def naflex_images(
 ) -> NaflexImages:
     """NaFlex model inputs from any mix of paths, PIL images and uint8 arrays: each at
     its own aspect ratio, resized to its ``grid_for`` grid, cut into patches, padded."""
-    from PIL import Image
-
     from clip_jax.models.naflex import grid_for, pad_batch
 
     if not images:
         raise UserError("no images to encode")
-    resample = Image.BICUBIC if options.interpolation == "bicubic" else Image.BILINEAR
-    mean = np.asarray(options.mean, np.float32)
-    std = np.asarray(options.std, np.float32)
+    resample, normalize = _pil_steps(options)
     out = []
     for image in images:
         pil = to_pil(image)
         rows, cols = grid_for(pil.size[1], pil.size[0], patch, max_patches)
-        pil = pil.resize((cols * patch, rows * patch), resample)  # PIL filters antialias
-        out.append((np.asarray(pil, np.float32) / 255.0 - mean) / std)
+        out.append(normalize(pil.resize((cols * patch, rows * patch), resample)))  # antialiased
     return pad_batch(out, patch, max_patches)

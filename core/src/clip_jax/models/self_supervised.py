@@ -274,8 +274,18 @@ def _vision(spec, term: str):
     return vision  # NaFlex batches are refused with the spec (spec_checks)
 
 
-def _start(options, spec) -> int:
-    return round(options.start_fraction * spec.train.steps)
+def _taught(name: str, module: nn.Module, spec) -> AuxTerm:
+    """A term that learns from the teacher, on from ``start_fraction`` of the run."""
+    options = module.options
+    return AuxTerm(
+        name,
+        module,
+        options.weight,
+        reduce=partial(_reduce, options),
+        teacher=True,
+        start_step=round(options.start_fraction * spec.train.steps),
+        teacher_momentum=options.teacher_momentum,
+    )
 
 
 def self_distillation(options: SelfDistillationOptions, spec) -> AuxTerm:
@@ -289,15 +299,8 @@ def self_distillation(options: SelfDistillationOptions, spec) -> AuxTerm:
             f"model.vision.patch_size ({patch})"
         )
     as_patches = vision.positions == "learned" and size != vision.image_size
-    module = SelfDistillationTerm(options, size, patch, as_patches)
-    return AuxTerm(
-        "self_distillation",
-        module,
-        options.weight,
-        reduce=partial(_reduce, options),
-        teacher=True,
-        start_step=_start(options, spec),
-        teacher_momentum=options.teacher_momentum,
+    return _taught(
+        "self_distillation", SelfDistillationTerm(options, size, patch, as_patches), spec
     )
 
 
@@ -306,13 +309,6 @@ def masked_prediction(options: MaskedPredictionOptions, spec) -> AuxTerm:
     vision = _vision(spec, "masked_prediction")
     patches = (vision.image_size // vision.patch_size) ** 2
     prefix = int(vision.pool == "tok")
-    module = MaskedPredictionTerm(options, patches, prefix, vision.width)
-    return AuxTerm(
-        "masked_prediction",
-        module,
-        options.weight,
-        reduce=partial(_reduce, options),
-        teacher=True,
-        start_step=_start(options, spec),
-        teacher_momentum=options.teacher_momentum,
+    return _taught(
+        "masked_prediction", MaskedPredictionTerm(options, patches, prefix, vision.width), spec
     )
