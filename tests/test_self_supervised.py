@@ -259,7 +259,12 @@ def test_a_run_logs_every_term_and_its_teacher_resumes_bit_for_bit(small_run):
         "{" + ", ".join(f"{k} = {v!r}".replace("'", '"') for k, v in term.items()) + "}"
         for term in [{**t, "start_fraction": 0.5} for t in TERMS]
     )
-    steps = ["train.steps=8", "train.checkpoint_every=4", "train.log_every=1"]
+    steps = [
+        "train.steps=8",
+        "train.checkpoint_every=4",
+        "train.log_every=1",
+        "train.batch_size=16",
+    ]
     spec = load_spec(QUICKSTART, small_run + [f"loss.aux=[{terms}]", *steps])
     train(spec)
     folder = RunFolder(spec.run.output_dir)
