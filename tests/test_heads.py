@@ -236,11 +236,21 @@ def test_fit_params_initialises_only_missing_head_parameters_fresh():
         "head": {"b": jax.ShapeDtypeStruct((2,), jnp.float32)},
         "vision": {"w": jax.ShapeDtypeStruct((3,), jnp.float32)},
     }
-    fitted = fit_params(source, target, 0, fresh_head=lambda: {"head": {"b": np.full(2, 7.0)}})
+    asked = []
+
+    def fresh(names):
+        asked.extend(names)
+        return {"head": {"b": np.full(2, 7.0)}, "aux_x": {"w": np.full(1, 7.0)}}
+
+    source["aux_x"] = {"w": np.full(1, 3.0)}  # a term the source has: kept, not re-drawn
+    target["aux_x"] = {"w": jax.ShapeDtypeStruct((1,), jnp.float32)}
+    fitted = fit_params(source, target, 0, fresh_head=fresh)
+    assert asked == ["head/b"]
     np.testing.assert_array_equal(fitted["head"]["b"], [7.0, 7.0])
+    np.testing.assert_array_equal(fitted["aux_x"]["w"], [3.0])
     np.testing.assert_array_equal(fitted["vision"]["w"], source["vision"]["w"])
     with pytest.raises(UserError, match="the checkpoint has no head/b"):
         fit_params(source, target, 0)
     target["text"] = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
     with pytest.raises(UserError, match="the checkpoint has no text/w: different models"):
-        fit_params(source, target, 0, fresh_head=lambda: {"head": {"b": np.zeros(2)}})
+        fit_params(source, target, 0, fresh_head=lambda names: {"head": {"b": np.zeros(2)}})

@@ -61,12 +61,25 @@ def test_a_wrong_teacher_term_names_its_key(entries, key):
     assert caught.value.key == key, caught.value.problems
 
 
-def test_a_local_size_off_the_patch_grid_is_refused():
-    from clip_jax.errors import UserError
-
-    raw = raw_spec([{"name": "self_distillation", "local_size": 12}])
-    with pytest.raises(UserError, match="local_size"):
-        _ = components(validate(raw)).aux_terms
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"loss.aux.0.local_size": 12}, "loss.aux.0.local_size"),  # patch 16
+        ({"model.vision.patch_dropout": 0.5}, "model.vision.patch_dropout"),
+        ({"preprocess.resize": "naflex"}, "loss.aux.0.name"),
+    ],
+)
+def test_what_the_teacher_terms_cannot_run_with_is_refused_by_validate(change, key):
+    raw = raw_spec([{"name": "self_distillation"}, {"name": "captioning"}])
+    for dotted, value in change.items():
+        *tables, last = dotted.split(".")
+        node = raw
+        for table in tables:
+            node = node[int(table)] if table.isdigit() else node.setdefault(table, {})
+        node[last] = value
+    with pytest.raises(SpecError) as caught:
+        validate(raw)
+    assert caught.value.key == key, caught.value.problems
 
 
 # -------------------------------------------------------------- plain references
@@ -131,6 +144,15 @@ def test_square_patches_are_naflex_patches():
 
 
 # ------------------------------------------------------------- EMA teacher
+def test_a_bfloat16_students_teacher_is_float32_and_moves():
+    schedule = TeacherSchedule(("vision",), start_step=0, momentum=0.996)
+    student = {"vision": {"w": jnp.full((4,), 1.0, jnp.bfloat16)}}
+    teacher = teacher_of(student, ("vision",))
+    assert teacher["vision"]["w"].dtype == jnp.float32
+    moved = follow(teacher, {"vision": {"w": jnp.full((4,), 1.5, jnp.bfloat16)}}, 5, schedule)
+    np.testing.assert_allclose(moved["vision"]["w"], 1.0 + 0.004 * 0.5, rtol=1e-6)
+
+
 def test_the_teacher_is_the_student_until_the_start_then_follows_it():
     schedule = TeacherSchedule(("vision",), start_step=3, momentum=0.9)
     teacher = {"vision": {"w": jnp.array([1.0, 2.0])}}
@@ -163,19 +185,24 @@ def taught():
     return comps, params, images, tokens, extras, grad_fn
 
 
-def test_the_schedule_starts_at_the_terms_fraction():
-    raw = raw_spec(TERMS)
+def test_the_schedule_starts_at_the_terms_fraction_and_stages_the_run():
+    terms = [TERMS[0], {**TERMS[1], "start_fraction": 0.9}, {"name": "captioning"}]
+    raw = raw_spec(terms)
     raw["train"]["steps"] = 10
     comps = components(validate(raw))
     assert comps.teacher.start_step == 8 and comps.teacher.momentum == 0.996
     assert comps.teacher.keys == ("vision", "aux_self_distillation", "aux_masked_prediction")
+    stages = comps.objective_stages()
+    assert [start for start, _ in stages] == [0, 8, 9]  # each start begins a stage
+    assert [objective.example_inputs for _, objective in stages] == [(), *[("view_keys",)] * 2]
 
 
 @pytest.mark.slow  # compiles the model
 def test_before_the_start_the_terms_add_nothing_and_train_nothing(taught):
     comps, params, images, tokens, extras, grad_fn = taught
-    (loss, metrics), grads = grad_fn(
-        params, images, tokens, None, jax.random.key(2), step=jnp.int32(7), **extras
+    before = comps.objective_stages()[0][1]  # no teacher read: no teacher inputs
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(before, has_aux=True))(
+        params, images, tokens, None, jax.random.key(2)
     )
     assert float(metrics["loss/self_distillation"]) == float(metrics["loss/masked_prediction"]) == 0
     np.testing.assert_allclose(loss, metrics["loss/contrastive"])
@@ -186,12 +213,11 @@ def test_before_the_start_the_terms_add_nothing_and_train_nothing(taught):
 @pytest.mark.slow  # compiles the model twice more
 def test_after_the_start_the_total_adds_each_weighted_term_computed_by_hand(taught):
     comps, params, images, tokens, extras, grad_fn = taught
-    (loss, metrics), grads = grad_fn(
-        params, images, tokens, None, jax.random.key(2), step=jnp.int32(8), **extras
-    )
+    (loss, metrics), grads = grad_fn(params, images, tokens, None, jax.random.key(2), **extras)
     model, keys = comps.model, extras["view_keys"]
     merged = {**params, **extras["teacher"]}
-    targets = model.apply({"params": merged}, images, keys, method="teacher_targets")
+    names = ("self_distillation", "masked_prediction")
+    targets = model.apply({"params": merged}, images, keys, names, method="teacher_targets")
     out = model.apply(
         {"params": params},
         images,
@@ -230,9 +256,9 @@ def test_micro_batches_give_the_full_batch_terms_and_gradients(taught):
 
     comps, params, images, tokens, extras, grad_fn = taught
     inputs = (params, images, tokens, None, jax.random.key(2))
-    (loss, metrics), grads = grad_fn(*inputs, step=jnp.int32(9), **extras)
+    (loss, metrics), grads = grad_fn(*inputs, **extras)
     micro = jax.jit(cached_value_and_grad(comps.objective(), 2))
-    (loss2, metrics2), grads2 = micro(*inputs, step=jnp.int32(9), **extras)
+    (loss2, metrics2), grads2 = micro(*inputs, **extras)
     np.testing.assert_allclose(loss2, loss, rtol=1e-5)
     for name in ("loss/self_distillation", "loss/masked_prediction"):
         np.testing.assert_allclose(metrics2[name], metrics[name], rtol=1e-5)
@@ -243,9 +269,10 @@ def test_micro_batches_give_the_full_batch_terms_and_gradients(taught):
 
 # ----------------------------------------------------------------- a real run
 @pytest.mark.slow
-def test_a_run_logs_every_term_and_its_teacher_resumes_bit_for_bit(small_run):
-    """8 steps, terms on from step 4, checkpoints at 4 and 8; the checkpoint at 8 is
-    removed and the run resumed from 4: the same losses and the same teacher at 8."""
+def test_a_run_logs_every_term_and_its_teacher_resumes_bit_for_bit(small_run, tmp_path):
+    """A run warm-started from a plain one (the terms' heads start fresh): 8 steps,
+    terms on from step 4, checkpoints at 4 and 8; the checkpoint at 8 is removed and the
+    run resumed from 4: the same losses and the same teacher at 8."""
     import shutil
 
     from clip_jax.run_folder import RunFolder
@@ -265,9 +292,14 @@ def test_a_run_logs_every_term_and_its_teacher_resumes_bit_for_bit(small_run):
         "train.log_every=1",
         "train.batch_size=16",
     ]
-    spec = load_spec(QUICKSTART, small_run + [f"loss.aux=[{terms}]", *steps])
+    plain = [*small_run, "train.steps=1", "train.batch_size=16", f"run.output_dir={tmp_path}/a"]
+    train(load_spec(QUICKSTART, plain))
+    warm = f"train.init_from={tmp_path}/a"
+    spec = load_spec(QUICKSTART, small_run + [f"loss.aux=[{terms}]", *steps, warm])
     train(spec)
     folder = RunFolder(spec.run.output_dir)
+    fresh = "(aux_masked_prediction/, aux_self_distillation/ initialised fresh)"
+    assert fresh in (folder.path / "run.log").read_text()
     records = [r for r in folder.metrics() if r["split"] == "train"]
     assert {"loss/self_distillation", "loss/masked_prediction"} <= set(records[-1])
     before = [r["loss/self_distillation"] for r in records if r["step"] <= 4]
@@ -306,11 +338,3 @@ def flat(tree) -> dict:
         "/".join(str(getattr(k, "key", k)) for k in path): leaf
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
     }
-
-
-def test_teacher_terms_on_naflex_batches_are_refused_naming_the_term():
-    raw = raw_spec([{"name": "captioning"}, {"name": "masked_prediction"}])
-    raw["preprocess"] = {"resize": "naflex"}
-    with pytest.raises(SpecError) as caught:
-        validate(raw)
-    assert caught.value.key == "loss.aux.1.name", caught.value.problems

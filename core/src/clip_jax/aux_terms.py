@@ -124,11 +124,14 @@ class AuxTerm:
     ...metrics}``; None means the batch mean of each output. A term whose loss couples
     examples (Sinkhorn-Knopp targets) reduces here, after micro-batches are merged.
     ``teacher``: the term learns from the EMA teacher (``TeacherTermOptions``) from
-    ``start_step`` on, and the module has ``targets(view, rng)``.
+    ``start_step`` on: its module is called as ``(run_tower, images, targets,
+    view_keys_B, train)`` and has ``targets(teacher_outputs, view_keys_B)``
+    (``clip_jax.models.self_supervised``).
     """
 
     name: str
-    module: Any  # flax.linen.Module: (image_tokens_BxNxD, tokens_BxL, train) -> {"loss": B, ...}
+    # flax.linen.Module: (image_tokens_BxNxD, tokens_BxL, train) -> {"loss": B, ...}
+    module: Any
     weight: float
     reduce: Callable[[dict], dict] | None = None
     teacher: bool = False

@@ -77,13 +77,27 @@ class Components:
 
     def objective(self, model=None):
         """What the train step differentiates: the head's objective, or the contrastive
-        loss plus the auxiliary terms. ``model``: another build of the model (resized)."""
-        model = self.model if model is None else model
-        if self.aux_terms:
-            from clip_jax.heads import contrastive_objective
+        loss plus the auxiliary terms, all of them (the run's last stage).
+        ``model``: another build of the model (resized)."""
+        return self.objective_stages(model)[-1][1]
 
-            return contrastive_objective(model, self.loss.fn, aux_terms=self.aux_terms)
-        return self.head.objective(model, self.loss.fn)
+    def objective_stages(self, model=None) -> list[tuple[int, Any]]:
+        """(first step, objective) of each stage of the run, in order. One stage, unless
+        terms that learn from the EMA teacher start later: each start begins a stage
+        with them on, compiled as its own program (``train.state.StagedStep``), so
+        that the steps before pay nothing for them, neither time nor memory."""
+        model = self.model if model is None else model
+        if not self.aux_terms:
+            return [(0, self.head.objective(model, self.loss.fn))]
+        from clip_jax.heads import contrastive_objective
+
+        stages = []
+        for start in sorted({0} | {t.start_step for t in self.aux_terms if t.teacher}):
+            on = [t for t in self.aux_terms if not t.teacher or t.start_step <= start]
+            later = [t.name for t in self.aux_terms if t not in on]
+            objective = contrastive_objective(model, self.loss.fn, aux_terms=on, later_terms=later)
+            stages.append((start, objective))
+        return stages
 
     @cached_property
     def classifier(self):

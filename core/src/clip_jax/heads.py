@@ -66,6 +66,7 @@ def contrastive_objective(
     loss_fn,
     lock: str | None = None,
     aux_terms: Sequence[Any] = (),
+    later_terms: Sequence[str] = (),
 ) -> Objective:
     """The two towers' embeddings scored by the run's contrastive loss. ``lock``: a tower
     run in inference mode whose embeddings pass no gradient (LiT). ``aux_terms``: the
@@ -73,89 +74,57 @@ def contrastive_objective(
     added with its weight; the contrastive loss alone is then logged as
     ``loss/contrastive``, each term as ``loss/<name>``.
 
-    Terms that learn from the EMA teacher make ``forward`` take the teacher's parameters,
-    the step and a random key per example for its views (``teacher=``, ``step=``,
-    ``view_keys=``): before the first term's start it skips them (``lax.cond``: no
-    teacher pass, no extra views), and each term counts from its own start on.
+    Terms that learn from the EMA teacher make ``forward`` take the teacher's parameters
+    and a random key per example for its views (``teacher=``, ``view_keys=``).
+    ``later_terms``: the names of terms not computed by this objective (the teacher's,
+    before they start: ``Components.objective_stages``), logged as 0 so that every
+    step's record has the same keys.
     """
     extra = {"lock": lock} if lock else {}  # a plain run calls the model as it always has
-    if aux_terms:
+    if aux_terms or later_terms:
         extra["aux"] = True
     terms = {term.name: term for term in aux_terms}
-    taught = [term for term in aux_terms if term.teacher]
+    taught = tuple(term.name for term in aux_terms if term.teacher)
 
-    def apply(params, images_BxHxWxC, tokens_BxL, dropout_rng, **kwargs):
-        return model.apply(
+    def forward(params, images_BxHxWxC, tokens_BxL, dropout_rng, teacher=None, view_keys=None):
+        taught_inputs = {}
+        if taught:  # what the student predicts: the teacher's, on the same views
+            targets = model.apply(
+                {"params": {**params, **teacher}},
+                images_BxHxWxC,
+                view_keys,
+                taught,
+                method="teacher_targets",
+            )
+            taught_inputs = {"targets": jax.lax.stop_gradient(targets), "view_keys_B": view_keys}
+        img_emb_BxD, txt_emb_BxD, log_scale, bias, *aux = model.apply(
             {"params": params},
             images_BxHxWxC,
             tokens_BxL,
             train=True,
             rngs={"dropout": dropout_rng},
             **extra,
-            **kwargs,
+            **taught_inputs,
         )
+        return (img_emb_BxD, txt_emb_BxD, *aux), (log_scale, bias)
 
-    def forward(
-        params, images_BxHxWxC, tokens_BxL, dropout_rng, teacher=None, step=None, view_keys=None
-    ):
-        if not taught:
-            img_emb_BxD, txt_emb_BxD, log_scale, bias, *aux = apply(
-                params, images_BxHxWxC, tokens_BxL, dropout_rng
-            )
-            return (img_emb_BxD, txt_emb_BxD, *aux), (log_scale, bias)
-
-        def with_teacher(params):
-            targets = model.apply(
-                {"params": {**params, **teacher}},
-                images_BxHxWxC,
-                view_keys,
-                method="teacher_targets",
-            )
-            targets = jax.lax.stop_gradient(targets)
-            return apply(
-                params,
-                images_BxHxWxC,
-                tokens_BxL,
-                dropout_rng,
-                targets=targets,
-                view_keys_B=view_keys,
-            )
-
-        def before_teacher(params):
-            *scored, outputs = apply(params, images_BxHxWxC, tokens_BxL, dropout_rng)
-            later = jax.eval_shape(with_teacher, params)[-1]
-            for term in taught:  # zeros of the shapes the term will have
-                outputs[term.name] = jax.tree.map(
-                    lambda s: jnp.zeros(s.shape, s.dtype), later[term.name]
-                )
-            return (*scored, outputs)
-
-        first = min(term.start_step for term in taught)
-        img_emb_BxD, txt_emb_BxD, log_scale, bias, outputs = jax.lax.cond(
-            step >= first, with_teacher, before_teacher, params
-        )
-        gates = {term.name: (step >= term.start_step).astype(jnp.float32) for term in taught}
-        return (img_emb_BxD, txt_emb_BxD, outputs), (log_scale, bias, gates)
-
-    def score(per_example, shared, labels_B):
+    def score(per_example, scale_and_bias, labels_B):
         del labels_B
-        (img_emb_BxD, txt_emb_BxD, *aux), (log_scale, bias, *gates) = per_example, shared
+        (img_emb_BxD, txt_emb_BxD, *aux), (log_scale, bias) = per_example, scale_and_bias
         loss = loss_fn(img_emb_BxD, txt_emb_BxD, log_scale, bias)
         metrics = {"temperature": jnp.exp(log_scale), "logit_bias": bias}
         if aux:
             metrics["loss/contrastive"] = loss
-            gates = gates[0] if gates else {}
             for name, outputs in aux[0].items():
                 term = terms[name]
                 if term.reduce is None:
                     values = {key: jnp.mean(value) for key, value in outputs.items()}
                 else:
                     values = term.reduce(outputs)
-                if name in gates:  # a teacher's term counts from its start on
-                    values = {key: gates[name] * value for key, value in values.items()}
                 loss = loss + term.weight * values["loss"]
                 metrics |= {f"loss/{name}": values.pop("loss")}
                 metrics |= {f"{name}/{key}": value for key, value in values.items()}
+            metrics |= {f"loss/{name}": jnp.zeros(()) for name in later_terms}
         return loss, metrics
 
     return SplitObjective(forward, score, ("view_keys",) if taught else ())

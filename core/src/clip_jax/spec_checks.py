@@ -59,23 +59,59 @@ def naflex_problems(spec: Any) -> list[tuple[str, str]]:
     return problems
 
 
-CROPPING_TERMS = ("self_distillation", "masked_prediction")  # views cut from square images
+TEACHER_TERMS = ("self_distillation", "masked_prediction")  # views cut from square images
 
 
 def teacher_term_problems(spec: Any) -> list[tuple[str, str]]:
-    """The EMA teacher's terms crop and mask square images: not NaFlex batches (yet)."""
-    if spec.preprocess.resize != "naflex":
-        return []
-    terms = getattr(spec.loss, "aux", None) or []
-    return [
-        (
-            f"loss.aux.{i}.name",
-            f"{term.name!r} cuts its views from square images and does not run on NaFlex "
-            "batches (preprocess.resize = 'naflex') yet",
-        )
-        for i, term in enumerate(terms)
-        if term.name in CROPPING_TERMS
+    """The EMA teacher's terms read a ViT image tower on square views they cut and mask
+    themselves: not NaFlex batches (yet), no patch dropout (it would drop the masked
+    patches the student must predict), local crops on the patch grid."""
+    terms = [
+        (i, term)
+        for i, term in enumerate(getattr(spec.loss, "aux", None) or [])
+        if term.name in TEACHER_TERMS
     ]
+    if not terms:
+        return []
+    vision = getattr(spec.model, "vision", None)
+    first = f"loss.aux.{terms[0][0]}.name"
+    if not isinstance(vision, VisionOptions):
+        name = terms[0][1].name
+        return [
+            (
+                first,
+                f"{name!r} learns from a teacher of the ViT image tower, and "
+                f"architecture {spec.model.architecture!r} has none",
+            )
+        ]
+    if spec.preprocess.resize == "naflex":
+        return [
+            (
+                first,
+                f"{terms[0][1].name!r} cuts its views from square images and does "
+                "not run on NaFlex batches (preprocess.resize = 'naflex') yet",
+            )
+        ]
+    problems = []
+    if vision.patch_dropout:
+        problems.append(
+            (
+                "model.vision.patch_dropout",
+                "does not combine with the teacher's "
+                f"terms ({', '.join(t.name for _, t in terms)}): set it to 0",
+            )
+        )
+    for i, term in terms:
+        size = getattr(term, "local_size", None)
+        if size is not None and size % vision.patch_size:
+            problems.append(
+                (
+                    f"loss.aux.{i}.local_size",
+                    f"must be a multiple of "
+                    f"model.vision.patch_size ({vision.patch_size}); got {size}",
+                )
+            )
+    return problems
 
 
 def cross_table_problems(spec: Any) -> list[tuple[str, str]]:

@@ -8,7 +8,7 @@ to score image-text pairs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -176,7 +176,7 @@ class Clip(nn.Module):
         for name, term in self.aux.items():
             if not getattr(term, "learns_from_teacher", False):
                 outputs[name] = term(image_BxNxE, tokens_BxL, train=train, **extra)
-            elif targets is not None or self.is_initializing():
+            elif (targets is not None and name in targets) or self.is_initializing():
                 if view_keys_B is None:  # initialising: any views
                     view_keys_B = jax.random.split(jax.random.key(0), tokens_BxL.shape[0])
                 mine = None if targets is None else targets[name]
@@ -184,18 +184,16 @@ class Clip(nn.Module):
         scored = (img_emb_BxD, txt_emb_BxD, self.logit_scale, bias)
         return (*scored, outputs) if aux else scored
 
-    def teacher_targets(self, images_BxHxWxC: jax.Array, view_keys_B: jax.Array) -> dict:
-        """What the terms that learn from the teacher predict, by name: run with the
-        teacher's parameters in place of the student's (``clip_jax.train.teacher``), on
-        the step's global view of each image."""
+    def teacher_targets(
+        self, images_BxHxWxC: jax.Array, view_keys_B: jax.Array, names: Sequence[str]
+    ) -> dict:
+        """What the terms ``names`` (which learn from the teacher) predict, by name: run
+        with the teacher's parameters in place of the student's
+        (``clip_jax.train.teacher``), on the step's global view of each image."""
         from clip_jax.models.self_supervised import global_view
 
         teacher = self._tower_outputs(global_view(images_BxHxWxC, view_keys_B), False)
-        return {
-            name: term.targets(teacher, view_keys_B)
-            for name, term in self.aux.items()
-            if getattr(term, "learns_from_teacher", False)
-        }
+        return {name: self.aux[name].targets(teacher, view_keys_B) for name in names}
 
     def _tower_outputs(self, images, train: bool, masked=None):
         """The image tower's pooled features and its encoder's token sequence."""

@@ -20,21 +20,21 @@ couples the batch, so the terms reduce their outputs themselves (``AuxTerm.reduc
 after ``train.microbatches`` puts the batch back together.
 
 The heads exist from the first step (the state's shape never changes) and receive
-gradients only once their term is on; the paper initialises them at that point.
+gradients only once their term is on (the steps before are compiled without the terms,
+``train.state.StagedStep``); the paper initialises them at that point.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from clip_jax.aux_terms import AuxTerm, MaskedPredictionOptions, SelfDistillationOptions
-from clip_jax.errors import UserError
 from clip_jax.models.layers import dense_init, zeros
 from clip_jax.models.naflex import NaflexImages
 
@@ -118,6 +118,7 @@ def square_patches(images_BxHxWxC: jax.Array, patch: int) -> NaflexImages:
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
+    """Unit vectors along the last axis, in float32 (cosines need the precision)."""
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
 
@@ -167,7 +168,9 @@ def sinkhorn_targets(logits_NxK: jax.Array, temperature: float, iterations: int 
     return q * rows
 
 
-def distillation_values(student_NxVxK, teacher_NxK, student_t: float, teacher_t: float) -> dict:
+def distillation_values(
+    student_NxVxK: jax.Array, teacher_NxK: jax.Array, student_t: float, teacher_t: float
+) -> dict[str, jax.Array]:
     """Cross-entropy of each student row (V of them per teacher row) against the teacher
     row's Sinkhorn-Knopp target, averaged; and how often their argmaxes agree."""
     targets_NxK = sinkhorn_targets(teacher_NxK, teacher_t)
@@ -194,7 +197,12 @@ class SelfDistillationTerm(nn.Module):
         return {"teacher": self.head(teacher.pooled_BxD)}
 
     def __call__(
-        self, tower: RunTower, images_BxHxWxC, targets: dict | None, view_keys_B, train: bool
+        self,
+        tower: RunTower,
+        images_BxHxWxC: jax.Array,
+        targets: dict | None,
+        view_keys_B: jax.Array,
+        train: bool,
     ) -> dict[str, jax.Array]:
         o, batch = self.options, images_BxHxWxC.shape[0]
         keys_B = fold(view_keys_B, _LOCAL)
@@ -242,7 +250,12 @@ class MaskedPredictionTerm(nn.Module):
         return {"teacher": self.head(self._pick(teacher.tokens_BxTxD, index_BxM))}
 
     def __call__(
-        self, tower: RunTower, images_BxHxWxC, targets: dict | None, view_keys_B, train: bool
+        self,
+        tower: RunTower,
+        images_BxHxWxC: jax.Array,
+        targets: dict | None,
+        view_keys_B: jax.Array,
+        train: bool,
     ) -> dict[str, jax.Array]:
         batch = images_BxHxWxC.shape[0]
         index_BxM = self._masked(view_keys_B)
@@ -264,17 +277,7 @@ def _reduce(options, outputs: dict) -> dict:
     )
 
 
-def _vision(spec, term: str):
-    vision = getattr(spec.model, "vision", None)
-    if vision is None or not hasattr(vision, "patch_size"):
-        raise UserError(
-            f"loss.aux: {term!r} learns from a teacher of the ViT image tower, and "
-            f"architecture {spec.model.architecture!r} has none"
-        )
-    return vision  # NaFlex batches are refused with the spec (spec_checks)
-
-
-def _taught(name: str, module: nn.Module, spec) -> AuxTerm:
+def _taught(name: str, module: nn.Module, spec: Any) -> AuxTerm:
     """A term that learns from the teacher, on from ``start_fraction`` of the run."""
     options = module.options
     return AuxTerm(
@@ -288,25 +291,20 @@ def _taught(name: str, module: nn.Module, spec) -> AuxTerm:
     )
 
 
-def self_distillation(options: SelfDistillationOptions, spec) -> AuxTerm:
+def self_distillation(options: SelfDistillationOptions, spec: Any) -> AuxTerm:
     """Factory registered as auxiliary term ``self_distillation``."""
-    vision = _vision(spec, "self_distillation")
+    vision = spec.model.vision  # a ViT on the patch grid (spec_checks)
     patch = vision.patch_size
     size = options.local_size or max(patch, vision.image_size // 2 // patch * patch)
-    if size % patch:
-        raise UserError(
-            f"loss.aux: self_distillation.local_size ({size}) must be a multiple of "
-            f"model.vision.patch_size ({patch})"
-        )
     as_patches = vision.positions == "learned" and size != vision.image_size
     return _taught(
         "self_distillation", SelfDistillationTerm(options, size, patch, as_patches), spec
     )
 
 
-def masked_prediction(options: MaskedPredictionOptions, spec) -> AuxTerm:
+def masked_prediction(options: MaskedPredictionOptions, spec: Any) -> AuxTerm:
     """Factory registered as auxiliary term ``masked_prediction``."""
-    vision = _vision(spec, "masked_prediction")
+    vision = spec.model.vision  # a ViT (spec_checks)
     patches = (vision.image_size // vision.patch_size) ** 2
     prefix = int(vision.pool == "tok")
     return _taught(

@@ -120,7 +120,7 @@ class TrainLoop:
             try:
                 while self.step < self.total:
                     batch = self.next_batch(batches, in_flight)
-                    state, metrics = train_step(state, *batch.inputs)
+                    state, metrics = train_step(state, *batch.inputs, step=self.step)
                     self.step = step = self.step + 1
                     # The host keeps one step ahead of the device: it waits for the step
                     # before this one, while the device has this one to run.

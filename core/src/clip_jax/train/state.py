@@ -1,15 +1,17 @@
 """The train state, created already sharded, and the jit train step.
 
 The state is a plain dict ``{"step", "params", "opt_state"}`` (plus ``"teacher"``, the
-EMA teacher of ``clip_jax.train.teacher``, when an auxiliary term learns from one). Its shardings come from
-the parameters' logical axis names and the strategy's rules, and ``jax.jit`` with
+EMA teacher of ``clip_jax.train.teacher``, when an auxiliary term learns from one). Its
+shardings come from the parameters' logical axis names and the strategy's rules, and
+``jax.jit`` with
 ``out_shardings`` materialises it directly in place: no device ever holds a full copy
 unless the strategy replicates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
@@ -125,11 +127,15 @@ def make_train_step(
     ``guard``: ``train.spike``'s options; the state then has a ``"guard"`` entry
     (``guards.create_guard``) and an update with a non-finite or spiking loss or gradient
     norm is dropped on the device (``clip_jax.train.guards``).
+    ``teacher``: the EMA teacher's schedule (``clip_jax.train.teacher``): the teacher
+    follows the updated parameters, and an objective whose terms learn from it reads
+    ``state["teacher"]`` and a random key per example for its views.
     """
     if objective is None:
         from clip_jax.heads import contrastive_objective
 
         objective = contrastive_objective(model, loss_fn)
+    reads_teacher = "view_keys" in getattr(objective, "example_inputs", ())
     if microbatches > 1:
         value_and_grad = cached_value_and_grad(objective, microbatches)
     else:
@@ -146,10 +152,10 @@ def make_train_step(
 
         inputs = (images_BxHxWxC, tokens_BxL, labels_B, dropout_rng)
         extras = {}
-        if teacher is not None:  # and a key per example for its views
+        if reads_teacher:  # and a key per example for its views
             views_rng = jax.random.fold_in(dropout_rng, VIEWS)
             keys_B = jax.random.split(views_rng, tokens_BxL.shape[0])
-            extras = {"teacher": state["teacher"], "step": state["step"], "view_keys": keys_B}
+            extras = {"teacher": state["teacher"], "view_keys": keys_B}
         (loss, head_metrics), grads = value_and_grad(state["params"], *inputs, **extras)
         metrics = {
             "loss": loss,
@@ -182,6 +188,43 @@ def make_train_step(
         return optax.apply_updates(state["params"], updates), opt_state
 
     return jax.jit(train_step, out_shardings=(shardings, None), donate_argnums=0)
+
+
+@dataclass(frozen=True)
+class StagedStep:
+    """``(state, images, tokens[, labels], step=N) -> (state, metrics)``: the train step
+    as one compiled program per stage of the run (``Components.objective_stages``).
+
+    The EMA teacher's terms start at a step known in advance, so the steps before are
+    compiled without them. A ``lax.cond`` on the step in one program would cost more:
+    under differentiation it kept memory for both branches, and before the start the
+    step still ran ~2x slower than without the terms (measured on CPU). A stage is
+    compiled when first used. ``step``: the state's step, which the loop knows on the
+    host (read from the state, a device sync, when not given).
+    """
+
+    stages: tuple[tuple[int, Callable], ...]  # (first step, jitted step), ascending
+
+    def __call__(self, state: State, *inputs, step: int | None = None):
+        if len(self.stages) > 1 and step is None:
+            step = int(state["step"])
+        return self.at(step or 0)(state, *inputs)
+
+    def at(self, step: int) -> Callable:
+        return [program for start, program in self.stages if start <= step][-1]
+
+    def lower(self, *args):
+        """The last stage (every term on: the most work and memory), lowered."""
+        return self.stages[-1][1].lower(*args)
+
+
+def make_staged_train_step(stages: Sequence[tuple[int, Callable]], **options) -> StagedStep:
+    """A ``StagedStep`` of ``make_train_step(objective=..., **options)`` per stage."""
+    return StagedStep(
+        tuple(
+            (start, make_train_step(objective=objective, **options)) for start, objective in stages
+        )
+    )
 
 
 def make_encoders(model: nn.Module) -> tuple[Callable, Callable]:

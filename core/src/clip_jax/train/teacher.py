@@ -46,8 +46,10 @@ def teacher_schedule(model: Any, terms: Sequence[Any]) -> TeacherSchedule | None
 
 
 def teacher_of(params: Any, keys: Sequence[str]) -> dict[str, Any]:
-    """The teacher at initialisation: the student's parameters under ``keys``."""
-    return {key: params[key] for key in keys}
+    """The teacher at initialisation: the student's parameters under ``keys``, in
+    float32 whatever ``param_dtype`` is: an EMA step of 1 - 0.996 is below bfloat16's
+    resolution, and a bfloat16 teacher would never move."""
+    return {key: jax.tree.map(lambda x: x.astype(jnp.float32), params[key]) for key in keys}
 
 
 def follow(teacher: Any, params: Any, step: jax.Array, schedule: TeacherSchedule) -> Any:
@@ -56,10 +58,8 @@ def follow(teacher: Any, params: Any, step: jax.Array, schedule: TeacherSchedule
     copying = step + 1 <= schedule.start_step
     m = schedule.momentum
 
-    def average(old: jax.Array, new: jax.Array) -> jax.Array:
-        mixed = (m * old.astype(jnp.float32) + (1.0 - m) * new.astype(jnp.float32)).astype(
-            old.dtype
-        )
-        return jnp.where(copying, new.astype(old.dtype), mixed)
+    def average(old: jax.Array, new: jax.Array) -> jax.Array:  # float32 teacher
+        new = new.astype(jnp.float32)
+        return jnp.where(copying, new, m * old + (1.0 - m) * new)
 
     return {key: jax.tree.map(average, teacher[key], params[key]) for key in schedule.keys}

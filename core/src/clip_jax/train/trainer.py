@@ -31,7 +31,12 @@ from clip_jax.train.checkpoint import Checkpoints, checkpoint_directory
 from clip_jax.train.events import Events, RunFolderWriter, log_messages, reported
 from clip_jax.train.loop import TrainLoop
 from clip_jax.train.progress import Progress
-from clip_jax.train.state import create_state, make_encoders, make_train_step, state_shardings
+from clip_jax.train.state import (
+    create_state,
+    make_encoders,
+    make_staged_train_step,
+    state_shardings,
+)
 from clip_jax.train.teacher import teacher_of
 
 
@@ -196,16 +201,21 @@ def preflight(comps: Components) -> None:
 
 def _warm_start(spec: RunSpec, tx, init, abstract, shardings, layout):
     """A step-0 state whose parameters come from ``train.init_from``, with fresh moments;
-    head parameters that the source lacks start as a fresh run's would. Also returns
-    whether it initialised any."""
+    head and auxiliary-term parameters that the source lacks start as a fresh run's
+    would. Also returns the groups it initialised (``head``, ``aux_<name>``)."""
     from clip_jax.train.warm_start import warm_params
 
     used = []
 
-    def fresh_head():  # jit keeps only the head's share of the init: nothing else is made
-        used.append(True)
-        head = jax.jit(lambda rng: {"head": init(rng)["params"]["head"]})
-        return jax.device_get(head(jax.random.key(spec.run.seed)))
+    def fresh_head(names: list[str]):  # jit keeps only those groups' share of the init
+        groups = sorted({name.split("/")[0] for name in names})
+        used.extend(groups)
+
+        def added(rng):
+            params = init(rng)["params"]
+            return {k: params[k] for k in groups}
+
+        return jax.device_get(jax.jit(added)(jax.random.key(spec.run.seed)))
 
     params = warm_params(
         spec.train.init_from, spec, abstract["params"], shardings["params"], layout, fresh_head
@@ -217,7 +227,7 @@ def _warm_start(spec: RunSpec, tx, init, abstract, shardings, layout):
         keys = tuple(shardings["teacher"])
         copy = jax.jit(lambda p: teacher_of(p, keys), out_shardings=shardings["teacher"])
         state["teacher"] = copy(params)
-    return state, bool(used)
+    return state, used
 
 
 def _last_step(folder: RunFolder) -> int:
@@ -257,7 +267,9 @@ def _train(
     if latest is None:
         if spec.train.init_from:  # no random init first: one state in memory, not two
             state, fresh = _warm_start(spec, tx, init, abstract, shardings, layout)
-            fresh_head = " (head/ initialised fresh)" if fresh else ""
+            fresh_head = (
+                f" ({', '.join(f'{k}/' for k in fresh)} initialised fresh)" if fresh else ""
+            )
             events.message(f"parameters from {spec.train.init_from}{fresh_head}")
         else:
             state = create_state(
@@ -277,15 +289,15 @@ def _train(
         events.emit("finish", step, final)
         return final
     events.emit("run_info", step, loggers.run_info(spec, state["params"]))
-    train_step = make_train_step(
-        comps.model,
-        comps.loss.fn,
-        tx,
-        schedule,
-        shardings,
-        layout,
+    train_step = make_staged_train_step(
+        comps.objective_stages(),
+        model=comps.model,
+        loss_fn=comps.loss.fn,
+        tx=tx,
+        schedule=schedule,
+        shardings=shardings,
+        layout=layout,
         seed=spec.run.seed,
-        objective=comps.objective(),
         microbatches=spec.train.microbatches,
         guard=spec.train.spike,
         teacher=comps.teacher,

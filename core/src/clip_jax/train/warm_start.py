@@ -46,19 +46,23 @@ def _side(tokens: int) -> int | None:
     return side if side * side == tokens else None
 
 
+FRESH = ("head/", "aux_")  # what a run adds on top of the towers it starts from
+
+
 def fit_params(
     source: Any,
     target: Any,
     prefix: int,
     source_names: dict[str, str] | None = None,
-    fresh_head: Callable[[], Any] | None = None,
+    fresh_head: Callable[[list[str]], Any] | None = None,
 ) -> Any:
     """``source`` parameters with ``target``'s tree and shapes (``target`` may be abstract).
 
     ``source_names`` (our name -> the checkpoint's tensor name) makes errors name the
-    tensor of a published checkpoint. ``fresh_head`` gives ``{"head": ...}``, freshly
-    initialised: a downstream head's parameters (``head/...``) that the source lacks
-    come from it (called only then); any other missing parameter is an error.
+    tensor of a published checkpoint. ``fresh_head`` gives the parameters a run adds on
+    top of the towers (``FRESH``: a downstream head's, ``head/...``, and the auxiliary
+    terms', ``aux_<name>/...``), freshly initialised; those the source lacks come from it
+    (called only then, with their names). Any other missing parameter is an error.
     """
     flat_source = dict(jax.tree_util.tree_leaves_with_path(source))
     flat_target = jax.tree_util.tree_leaves_with_path(target)
@@ -73,11 +77,12 @@ def fit_params(
             )
     source_names = source_names or {}
     absent = [param_name(p) for p, _ in flat_target if p not in flat_source]
-    missing = [n for n in absent if fresh_head is None or not n.startswith("head/")]
+    missing = [n for n in absent if fresh_head is None or not n.startswith(FRESH)]
     if missing:
         raise UserError(f"the checkpoint has no {', '.join(missing[:5])}: different models")
-    if absent:  # head parameters only: a new head on a trained model
-        flat_source |= dict(jax.tree_util.tree_leaves_with_path(fresh_head()))
+    if absent:  # a new head or new terms on a trained model
+        fresh = jax.tree_util.tree_leaves_with_path(fresh_head(absent))
+        flat_source |= {path: leaf for path, leaf in fresh if path not in flat_source}
     fitted = []
     for path, want in flat_target:
         have = flat_source[path]
@@ -139,10 +144,10 @@ def warm_params(
     abstract_params: Any,
     shardings: Any,
     layout: Any,
-    fresh_head: Callable[[], Any] | None = None,
+    fresh_head: Callable[[list[str]], Any] | None = None,
 ) -> Any:
     """Another run's (or a published checkpoint's) parameters, fitted to ``spec``'s model
-    and placed on its shardings (head parameters it lacks from ``fresh_head``)."""
+    and placed on its shardings (head and term parameters it lacks from ``fresh_head``)."""
     from clip_jax import pretrained
 
     names = None
