@@ -213,3 +213,14 @@ def test_max_batch_fits_and_its_double_does_not():
     check = memory.Estimator(QUICKSTART, SMALL_RUN, devices=8)
     assert check.estimate("dp", batch).peak <= limit
     assert check.estimate("dp", 2 * batch).peak > limit
+
+
+@pytest.mark.slow
+def test_a_naflex_runs_estimate_compiles_its_patch_sequences():
+    """The batch a NaFlex step reads: budget x patch^2 x 3 floats, a grid and a mask per
+    image, at the run's own budget (here 64 patches, 4x the square 32 px grid's 16)."""
+    naflex = [*SMALL_RUN, "preprocess.resize=naflex", "preprocess.max_patches=64"]
+    square, flex = (memory.Estimator(QUICKSTART, o, devices=1) for o in (SMALL_RUN, naflex))
+    per_image = (64 * 8 * 8 * 3 * 4 + 2 * 4 + 64) - 32 * 32 * 3 * 4
+    gap = flex.estimate("dp", 64).arguments - square.estimate("dp", 64).arguments
+    assert gap == 64 * per_image

@@ -154,6 +154,16 @@ class Estimator:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=layout.batch_sharding(len(shape)))
 
         images = batched((batch, v.image_size, v.image_size, 3), jnp.float32)
+        if spec.preprocess.resize == "naflex":  # padded patch sequences at the run's budget
+            from clip_jax.data.naflex import budget
+            from clip_jax.models.naflex import NaflexImages
+
+            count = budget(spec.preprocess, v.image_size, v.patch_size)
+            images = NaflexImages(
+                batched((batch, count, v.patch_size**2 * 3), jnp.float32),
+                batched((batch, 2), jnp.int32),
+                batched((batch, count), jnp.bool_),
+            )
         tokens = batched((batch, t.context_length), jnp.int32)
         labels = batched((batch,), jnp.int32) if comps.head.needs_labels else None
         # On CPU only buffer assignment matters: skip LLVM's optimisations (same bytes,

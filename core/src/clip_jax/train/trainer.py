@@ -83,6 +83,8 @@ def run_evaluation(
         return pipeline.iterate(dataset)
 
     encode_texts = lambda texts: encode_tokens(tokenizer(texts))  # noqa: E731
+    if spec.eval.max_patches:  # the same captions and prompts at every budget: once
+        encode_texts = _remembered(encode_texts)
     common = {
         "classes": source.classes,
         "templates": source.templates,
@@ -106,6 +108,19 @@ def run_evaluation(
             at = evaluate(batches(pre), encode_images, encode_texts, **common)
         results = results | at_budget(at, budget)
     return results
+
+
+def _remembered(encode: Callable) -> Callable:
+    """``encode(texts)``, computed once per distinct list of texts."""
+    seen: dict[tuple[str, ...], Any] = {}
+
+    def remembered(texts):
+        key = tuple(texts)
+        if key not in seen:
+            seen[key] = encode(texts)
+        return seen[key]
+
+    return remembered
 
 
 def load_tokenizer(comps: Components, folder: RunFolder, train_files: Sequence[str]):
