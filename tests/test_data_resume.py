@@ -64,18 +64,40 @@ def uninterrupted(shards):
     return [next(stream) for _ in range(30)]
 
 
-def test_resumed_batches_equal_the_uninterrupted_ones(shards, uninterrupted):
-    got = uninterrupted
-    # per reader: 8 records a batch, windows of 24, epochs of ~100 records
+def resume_point(got, point: str) -> int:
+    """The batch to resume after. Per reader: 8 records a batch, windows of 24, epochs of
+    ~100 records."""
     epochs = [tuple(column(b, "epoch")) for b in got]
     crossing = next(j for j in range(len(got) - 1) if epochs[j] != epochs[j + 1])
-    mid_window = next(j for j in range(len(got)) if column(got[j], "position")[0] % 24)
-    for j in sorted({0, 2, mid_window, crossing, crossing + 1, 27}):
-        resumed = readers(shards, data_checkpoint(np.stack(got[j].positions)))
-        for expected in got[j + 1 : j + 3]:
-            same(next(resumed), expected)
-    # the stream did meet every kind of bad record, and counts them
-    last = got[-1].skipped
+    if point == "mid_window":
+        return next(j for j in range(len(got)) if column(got[j], "position")[0] % 24)
+    return {"start": 0, "early": 2, "crossing": crossing, "after_crossing": crossing + 1,
+            "late": 27}[point]  # fmt: skip
+
+
+# Each resumed pipeline costs ~0.4 s: the fast tier resumes inside a shuffle window and
+# at an epoch's end, the full suite at every point.
+@pytest.mark.parametrize(
+    "point",
+    [
+        "mid_window",
+        "crossing",
+        pytest.param("start", marks=pytest.mark.slow),
+        pytest.param("early", marks=pytest.mark.slow),
+        pytest.param("after_crossing", marks=pytest.mark.slow),
+        pytest.param("late", marks=pytest.mark.slow),
+    ],
+)
+def test_resumed_batches_equal_the_uninterrupted_ones(shards, uninterrupted, point):
+    got = uninterrupted
+    j = resume_point(got, point)
+    resumed = readers(shards, data_checkpoint(np.stack(got[j].positions)))
+    for expected in got[j + 1 : j + 3]:
+        same(next(resumed), expected)
+
+
+def test_the_stream_meets_every_kind_of_bad_record_and_counts_it(uninterrupted):
+    last = uninterrupted[-1].skipped
     assert last["undecodable"] > 0 and last["empty_caption"] > 0
     assert last["unreadable_shard"] >= 2  # the cut shard, once per epoch
     assert last["missing_key"] == 0

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from clip_jax.run_folder import RunFolder
+from tests.conftest import xla_flags
 from tests.fake_cloud.harness import (
     HOSTILE,
     QUICKSTART,
@@ -34,7 +35,7 @@ def test_two_hosts_train_stop_and_resume(small_run, tmp_path):
     `clipctl stop`, resumed by the same command, finished."""
     run_dir = tmp_path / "run"
     remote = shlex.join([sys.executable, "-m", "clipctl.cli"])
-    env = fake_env(tmp_path, remote=remote, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = fake_env(tmp_path, remote=remote, XLA_FLAGS=xla_flags(2))
     overrides = [o for o in small_run if not o.startswith("run.output_dir")] + [
         f"run.output_dir={run_dir}",
         f"run.name={HOSTILE}",

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from clip_jax.run_folder import RunFolder
-from tests.conftest import QUICKSTART
+from tests.conftest import QUICKSTART, xla_flags
 
 
 def free_port() -> int:
@@ -20,7 +20,7 @@ def free_port() -> int:
 
 
 def clipctl_run(overrides: list[str], devices: int, extra: tuple[str, ...] = ()):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices)}
     command = [sys.executable, "-m", "clipctl.cli", "run", str(QUICKSTART), *overrides, *extra]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

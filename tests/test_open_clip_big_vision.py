@@ -21,9 +21,10 @@ import pytest
 from clip_jax import pretrained
 from clip_jax.errors import UserError
 from clip_jax.spec import SpecError, validate
+from tests.conftest import LazyModule
 
-torch = pytest.importorskip("torch", reason="parity with transformers needs torch (CPU build)")
-transformers = pytest.importorskip("transformers", reason="needs transformers (parity group)")
+torch = LazyModule("torch", reason="parity with transformers needs torch (CPU build)")
+transformers = LazyModule("transformers", reason="needs transformers (parity group)")
 
 from tests.test_interop import TOL, VOCAB, _normalized, hf_embeddings, inputs  # noqa: E402
 

@@ -22,7 +22,7 @@ from clip_jax.run_folder import RunFolder
 from clip_jax.spec import SpecError, load_spec, to_toml
 from clipctl import runs
 from clipctl.cli import cli
-from tests.conftest import QUICKSTART, ROOT
+from tests.conftest import QUICKSTART, ROOT, xla_flags
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SPEC_TEXT = "[train]\nsteps = 100\nbatch_size = 64\n"
@@ -104,7 +104,7 @@ def wait_until(condition, timeout: float, what: str, run_dir: Path) -> None:
 # --------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_launch_stop_resume_finish(small_run, tmp_path, monkeypatch, launched):
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setenv("XLA_FLAGS", xla_flags(2))
     root = tmp_path / "runs"
     run = root / "tiny"
     overrides = small_run + [
@@ -174,7 +174,7 @@ def test_launch_stop_resume_finish(small_run, tmp_path, monkeypatch, launched):
 
 @pytest.mark.slow
 def test_a_run_stopped_before_its_first_step_is_interrupted(small_run, monkeypatch, launched):
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setenv("XLA_FLAGS", xla_flags(2))
     started = runs.launch(QUICKSTART, small_run + ["train.steps=50"])
     run = started.path
     # "running": the trainer has taken over and is importing jax, preparing data, compiling.

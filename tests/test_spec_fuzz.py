@@ -39,7 +39,9 @@ TEMPLATES = {
     p.stem: re.sub(r'(?m)^output_dir = "gs://[^"]*"', 'output_dir = "runs/fuzzed"', p.read_text())
     for p in sorted((ROOT / "templates").glob("*.toml"))
 }
-FUZZ = settings(  # CLIP_JAX_FUZZ_EXAMPLES=5000 for a longer hunt
+# CLIP_JAX_FUZZ_EXAMPLES=5000 for a longer hunt; the fast tier (-m "not slow") runs 30
+# (tests/conftest.py sets the variable there), the full suite 150.
+FUZZ = settings(
     max_examples=int(os.environ.get("CLIP_JAX_FUZZ_EXAMPLES", 150)),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],

@@ -12,7 +12,7 @@ import pytest
 from clip_jax.run_folder import RunFolder
 from clip_jax.spec import load_spec
 from clip_jax.train.trainer import RunFolderConflict, train
-from tests.conftest import QUICKSTART
+from tests.conftest import QUICKSTART, xla_flags
 
 
 def train_lines(folder: RunFolder) -> list[dict]:
@@ -97,7 +97,7 @@ def test_eval_command_and_refusal_through_the_cli(small_run):
 def test_ctrl_c_saves_a_checkpoint_and_rerun_resumes(small_run, tmp_path):
     overrides = small_run + ["train.steps=60", "train.log_every=1", "train.checkpoint_every=1000"]
     command = [sys.executable, "-m", "clipctl.cli", "run", str(QUICKSTART), *overrides]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(2)}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     folder = RunFolder(tmp_path / "run")
     deadline = time.monotonic() + 120

@@ -15,7 +15,7 @@ from clip_jax.run_folder import RunFolder
 from clip_jax.spec import load_spec
 from clip_jax.train.events import Events, Subscriber, reported
 from clip_jax.train.trainer import train
-from tests.conftest import QUICKSTART
+from tests.conftest import QUICKSTART, xla_flags
 
 
 def saved_steps(folder: RunFolder) -> list[int]:
@@ -133,7 +133,7 @@ def test_a_crash_during_a_save_keeps_the_checkpoint_before_it(small_run, tmp_pat
     ]
     marker = tmp_path / "saving"
     driver = textwrap.dedent(SLOW_SAVE).format(step=10, marker=marker)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(2)}
     command = ["run", str(QUICKSTART), *overrides]
     proc = subprocess.Popen(
         [sys.executable, "-c", driver, *command],

@@ -411,7 +411,9 @@ def test_a_damaged_run_folder_is_listed_and_the_app_goes_on(tmp_path):
         app = ClipctlApp(runs_root=tmp_path / "runs", cwd=tmp_path)
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("f3")
-            await pilot.pause(1.2)  # past a refresh
+            await pilot.pause()
+            await pilot.press("f5")  # a refresh, as the screen's 1 s timer runs it
+            await pilot.pause()
             assert app.is_running and isinstance(app.screen, RunsScreen)
             summary = app.screen.summaries["broken"]
             assert summary.step == 10 and summary.loss == 2.5  # the one good record

@@ -12,6 +12,12 @@ from typing import Any
 from clip_jax.schemas import VisionOptions
 
 
+def _architecture(spec: Any) -> Any:
+    """The spec's architecture name (a plugin's model options may be a plain table)."""
+    model = spec.model
+    return model.get("architecture") if isinstance(model, dict) else model.architecture
+
+
 def naflex_problems(spec: Any) -> list[tuple[str, str]]:
     """(key, message) for NaFlex settings that cannot work together: checked across
     tables (preprocess, model, eval) once the spec has validated, so a run that cannot
@@ -35,7 +41,7 @@ def naflex_problems(spec: Any) -> list[tuple[str, str]]:
         return [
             (
                 "model.architecture",
-                f"{spec.model.architecture!r} has no ViT image tower (model.vision), which "
+                f"{_architecture(spec)!r} has no ViT image tower (model.vision), which "
                 "preprocess.resize = 'naflex' needs",
             )
         ]
@@ -81,7 +87,7 @@ def teacher_term_problems(spec: Any) -> list[tuple[str, str]]:
             (
                 first,
                 f"{name!r} learns from a teacher of the ViT image tower, and "
-                f"architecture {spec.model.architecture!r} has none",
+                f"architecture {_architecture(spec)!r} has none",
             )
         ]
     if spec.preprocess.resize == "naflex":
