@@ -93,12 +93,14 @@ class LazyModule:
     running its other tests, imports nothing. A test that uses it is skipped, as
     pytest.importorskip would, where the library is missing."""
 
-    def __init__(self, name: str, reason: str) -> None:
-        self._name, self._reason = name, reason
+    def __init__(self, name: str, reason: str, needs: tuple["LazyModule", ...] = ()) -> None:
+        self._name, self._reason, self._needs = name, reason, needs
 
     def __getattr__(self, attr: str):
         if attr.startswith("_"):  # pytest's collection looks for its own markers here
             raise AttributeError(attr)
+        for module in self._needs:  # transformers imports without torch, then fails in use
+            pytest.importorskip(module._name, reason=module._reason)
         return getattr(pytest.importorskip(self._name, reason=self._reason), attr)
 
 

@@ -19,7 +19,7 @@ from clip_jax.spec import SpecError, validate
 from tests.conftest import QUICKSTART, LazyModule
 
 torch = LazyModule("torch", reason="parity with transformers needs torch (CPU build)")
-transformers = LazyModule("transformers", reason="needs transformers (parity group)")
+transformers = LazyModule("transformers", "needs transformers (parity group)", needs=(torch,))
 
 VOCAB = 512
 TOL = 1e-4

@@ -24,7 +24,7 @@ from clip_jax.spec import SpecError, validate
 from tests.conftest import LazyModule
 
 torch = LazyModule("torch", reason="parity with transformers needs torch (CPU build)")
-transformers = LazyModule("transformers", reason="needs transformers (parity group)")
+transformers = LazyModule("transformers", "needs transformers (parity group)", needs=(torch,))
 
 from tests.test_interop import TOL, VOCAB, _normalized, hf_embeddings, inputs  # noqa: E402
 
