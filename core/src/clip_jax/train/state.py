@@ -3,9 +3,8 @@
 The state is a plain dict ``{"step", "params", "opt_state"}`` (plus ``"teacher"``, the
 EMA teacher of ``clip_jax.train.teacher``, when an auxiliary term learns from one). Its
 shardings come from the parameters' logical axis names and the strategy's rules, and
-``jax.jit`` with
-``out_shardings`` materialises it directly in place: no device ever holds a full copy
-unless the strategy replicates.
+``jax.jit`` with ``out_shardings`` materialises it directly in place: no device ever
+holds a full copy unless the strategy replicates.
 """
 
 from __future__ import annotations
