@@ -256,3 +256,41 @@ def test_the_decoder_does_not_read_naflex_padding():
 
     decode = greedy_captioner(comps.model, Tokenizer())
     np.testing.assert_array_equal(decode(params["params"], short), decode(params["params"], long))
+
+
+def test_the_terminal_apps_editor_keeps_the_term_tables(tmp_path):
+    """siglip2-tiny opened in the editor, a field changed, saved: the [[loss.aux]] tables
+    (captioning and the teacher's two terms) are all still there and validate."""
+    import asyncio
+
+    from textual.widgets import Input
+
+    from clipctl.app import ClipctlApp
+    from tests.test_tui import SIZE, show_section, type_into
+
+    template = QUICKSTART.parent / "siglip2-tiny.toml"
+    saved = tmp_path / "mine.toml"
+
+    async def scenario():
+        app = ClipctlApp(runs_root=tmp_path / "runs", cwd=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            app.open_editor(tmp_path / "x.toml", template)
+            await pilot.pause()
+            editor = app.screen
+            await show_section(pilot, editor, "train")
+            await type_into(pilot, editor, "train.steps", "300")
+            assert editor.problems == {}
+            await pilot.press("ctrl+s")
+            app.screen.query_one("#save-path", Input).value = str(saved)
+            await pilot.press("enter")
+            await pilot.pause()
+
+    asyncio.run(scenario())
+    spec = validate(tomllib.loads(saved.read_text()))
+    assert spec.train.steps == 300
+    assert [t.name for t in spec.loss.aux] == [
+        "captioning",
+        "self_distillation",
+        "masked_prediction",
+    ]
+    assert spec.loss.aux[2].weight == 0.25 and spec.loss.aux[1].local_crops == 2
