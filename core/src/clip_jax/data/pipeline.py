@@ -180,12 +180,18 @@ def make_dataset(
     ds = ds.map(decode, num_parallel_calls=threads, deterministic=True)
     ds = ds.ignore_errors()
     ds = ds.batch(batch_size)
+    return finish(tf, ds, threads)
+
+
+def finish(tf, ds, threads: int):
+    """A pipeline's last stage, the same for evaluation and training streams: its own
+    pool of ``threads``, deterministic order, prefetch of 2 batches, no autotuning (its
+    model thread is what a dropped iterator waited for, forever, at the end of a long
+    test session of 67 pipelines; maps run on the private pool's threads, where
+    autotuning settled)."""
     options = tf.data.Options()
     options.threading.private_threadpool_size = threads
     options.deterministic = True
-    # No autotuning: its model thread is what a dropped iterator waited for, forever, at
-    # the end of a long test session (67 pipelines). The map runs on the private pool's
-    # threads, which is where autotuning settled.
     options.autotune.enabled = False
     return ds.with_options(options).prefetch(2)
 

@@ -340,14 +340,9 @@ class ReaderStream:
         ds = ds.ignore_errors().scan(tf.zeros(3, tf.int64), _counter(tf))
         ds = ds.filter(lambda item: item["reason"] == _OK)
         ds = ds.batch(batch_size, drop_remainder=True)
-        options = tf.data.Options()
-        options.threading.private_threadpool_size = threads
-        options.deterministic = True
-        # No autotuning: its model thread is what a dropped iterator waited for, forever, at
-        # the end of a long test session (67 pipelines). The map runs on the private pool's
-        # threads, which is where autotuning settled.
-        options.autotune.enabled = False
-        return ds.with_options(options).prefetch(2)
+        from clip_jax.data.pipeline import finish
+
+        return finish(tf, ds, threads)
 
     def __iter__(self) -> Iterator[ReaderBatch]:
         return self
