@@ -26,6 +26,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if __name__ == "__main__":  # as `clipctl run` does: huge pages for XLA's scratch memory
+    from clip_jax.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -174,6 +178,16 @@ def real_run(spec_path: str, overrides: list[str], steps: int) -> dict:
     }
 
 
+def huge_pages_on() -> bool:
+    """Whether XLA's scratch blocks get transparent huge pages (see clip_jax.host_memory)."""
+    from clip_jax.host_memory import TUNABLE, transparent_huge_pages_mode
+
+    mode = transparent_huge_pages_mode()
+    return mode == "always" or (
+        mode == "madvise" and TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
+    )
+
+
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("spec", nargs="?", default=str(ROOT / "templates/quickstart.toml"))
@@ -192,6 +206,7 @@ def main(argv: list[str]) -> dict:
         "device": f"{jax.device_count()} x {getattr(device, 'device_kind', device.platform)}",
         "spec": args.spec,
         "overrides": args.overrides,
+        "host_huge_pages": huge_pages_on(),
     }
     step = step_benchmark(args.spec, args.overrides, args.steps)
     flops = model_flops(args.spec, args.overrides)
@@ -214,7 +229,11 @@ def main(argv: list[str]) -> dict:
 
 def show(result: dict) -> None:
     s = result["step"]
-    print(f"device: {result['device']} | spec {result['spec']} {' '.join(result['overrides'])}")
+    pages = "huge pages" if result["host_huge_pages"] else "4 KiB pages"
+    print(
+        f"device: {result['device']} ({pages} for host scratch) | spec {result['spec']} "
+        f"{' '.join(result['overrides'])}"
+    )
     print(
         f"train step: {s['images_per_s']:,.1f} images/s (batch {s['batch_size']}, "
         f"{s['step_s'] * 1e3:,.1f} ms/step; first step incl. compile {s['compile_s']:.1f} s)"

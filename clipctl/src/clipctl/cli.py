@@ -379,7 +379,16 @@ cli.add_command(model_commands.caption_command)
 cli.add_command(plugin_new.plugin)
 
 
+# Commands that run XLA programs re-execute themselves with huge pages for XLA's
+# scratch memory first (clip_jax.host_memory); the others start as they are.
+EXECUTES_PROGRAMS = frozenset({"run", "eval", "predict", "caption"})
+
+
 def main() -> None:
+    if EXECUTES_PROGRAMS.intersection(sys.argv[1:2]):
+        from clip_jax.host_memory import reexec_with_huge_pages
+
+        reexec_with_huge_pages()
     cli()
 
 
