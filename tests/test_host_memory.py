@@ -100,3 +100,16 @@ def test_only_commands_that_run_programs_reexecute(monkeypatch, argv, reexecs):
     monkeypatch.setattr(sys, "argv", ["clipctl", *argv])
     clipctl.cli.main()
     assert bool(calls) is reexecs
+
+
+def test_a_cpu_run_without_the_tunable_says_how_to_get_it(monkeypatch):
+    monkeypatch.setattr(host_memory, "transparent_huge_pages_mode", lambda: "madvise")
+    monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(sys, "platform", "linux")
+    hint = host_memory.missing_huge_pages_hint("cpu", {})
+    assert hint is not None and f"GLIBC_TUNABLES={TUNABLE}=1" in hint
+    assert host_memory.missing_huge_pages_hint("gpu", {}) is None
+    assert host_memory.missing_huge_pages_hint("cpu", {"GLIBC_TUNABLES": f"{TUNABLE}=1"}) is None
+    assert host_memory.missing_huge_pages_hint("cpu", {"CLIP_JAX_HUGE_PAGES": "0"}) is None
+    monkeypatch.setattr(host_memory, "transparent_huge_pages_mode", lambda: "always")
+    assert host_memory.missing_huge_pages_hint("cpu", {}) is None

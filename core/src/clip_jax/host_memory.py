@@ -74,3 +74,19 @@ def reexec_with_huge_pages() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+
+
+def missing_huge_pages_hint(backend: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """A line for the run log where a CPU run in a process that did not go through
+    ``reexec_with_huge_pages`` (the trainer called from a notebook or a script) would
+    gain from the tunable; None elsewhere."""
+    if backend != "cpu" or not sys.platform.startswith("linux"):
+        return None
+    environ = os.environ if environ is None else environ
+    mode, glibc = transparent_huge_pages_mode(), glibc_version()
+    if huge_pages_environment(environ, mode=mode, glibc=glibc) is None:
+        return None
+    return (
+        "XLA's scratch memory gets 4 KiB pages in this process: start Python with "
+        f"GLIBC_TUNABLES={TUNABLE}=1 for a faster CPU step (clipctl run does this itself)"
+    )

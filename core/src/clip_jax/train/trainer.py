@@ -23,6 +23,7 @@ from clip_jax.data.naflex import patch_size_of
 from clip_jax.data.readers import check_layout
 from clip_jax.errors import UserError
 from clip_jax.evaluate import at_budget, evaluate, padded_encoder
+from clip_jax.host_memory import missing_huge_pages_hint
 from clip_jax.models.captioning import greedy_captioner
 from clip_jax.run_folder import RunFolder, RunFolderConflict, check_run_folder  # noqa: F401
 from clip_jax.spec import RunSpec
@@ -263,6 +264,9 @@ def _train(
         f"run folder {folder.path} | devices {jax.device_count()} | "
         f"processes {jax.process_count()} | preparing data"
     )
+    hint = missing_huge_pages_hint(jax.default_backend())
+    if hint:
+        events.message(hint)
     tokenizer = load_tokenizer(comps, folder, comps.data.train_files)
     tx, schedule = comps.optimizer()
     init, abstract, shardings = state_shardings(comps.model, tx, layout, spec)
