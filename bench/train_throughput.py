@@ -36,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from clip_jax.components import components  # noqa: E402
+from clip_jax.host_memory import huge_pages_on  # noqa: E402
 from clip_jax.spec import load_spec  # noqa: E402
 from clip_jax.train.state import create_state, make_train_step, state_shardings  # noqa: E402
 
@@ -176,16 +177,6 @@ def real_run(spec_path: str, overrides: list[str], steps: int) -> dict:
         "eval_s": mean("time/eval_s"),
         "checkpoint_s": mean("time/checkpoint_s"),
     }
-
-
-def huge_pages_on() -> bool:
-    """Whether XLA's scratch blocks get transparent huge pages (see clip_jax.host_memory)."""
-    from clip_jax.host_memory import TUNABLE, transparent_huge_pages_mode
-
-    mode = transparent_huge_pages_mode()
-    return mode == "always" or (
-        mode == "madvise" and TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
-    )
 
 
 def main(argv: list[str]) -> dict:

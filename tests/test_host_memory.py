@@ -113,3 +113,15 @@ def test_a_cpu_run_without_the_tunable_says_how_to_get_it(monkeypatch):
     assert host_memory.missing_huge_pages_hint("cpu", {"CLIP_JAX_HUGE_PAGES": "0"}) is None
     monkeypatch.setattr(host_memory, "transparent_huge_pages_mode", lambda: "always")
     assert host_memory.missing_huge_pages_hint("cpu", {}) is None
+
+
+@pytest.mark.parametrize(
+    ("mode", "tunables", "on"),
+    [("madvise", f"{TUNABLE}=1", True), ("madvise", f"a=1:{TUNABLE}=2", True),
+     ("madvise", f"{TUNABLE}=0", False), ("madvise", "", False), ("always", "", True),
+     ("never", f"{TUNABLE}=1", False)],
+)  # fmt: skip
+def test_huge_pages_on_reads_the_kernel_mode_and_the_tunable(monkeypatch, mode, tunables, on):
+    monkeypatch.setattr(host_memory, "transparent_huge_pages_mode", lambda: mode)
+    monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 36))
+    assert host_memory.huge_pages_on({"GLIBC_TUNABLES": tunables}) is on

@@ -60,15 +60,32 @@ def huge_pages_environment(
     return {**environ, "GLIBC_TUNABLES": ":".join([*tunables, f"{TUNABLE}=1"])}
 
 
+def _environment_here(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """``huge_pages_environment`` for this machine's kernel and C library."""
+    if sys.platform != "linux":
+        return None
+    return huge_pages_environment(
+        environ, mode=transparent_huge_pages_mode(), glibc=glibc_version()
+    )
+
+
+def huge_pages_on(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process's large ``malloc`` blocks get transparent huge pages: the
+    kernel gives them to every mapping, or glibc asks for them (the tunable set, not 0)."""
+    environ = os.environ if environ is None else environ
+    mode = transparent_huge_pages_mode()
+    tunables = environ.get("GLIBC_TUNABLES", "").split(":")
+    asked = any(t.startswith(f"{TUNABLE}=") and t != f"{TUNABLE}=0" for t in tunables)
+    return mode == "always" or (
+        mode == "madvise" and asked and (glibc_version() or (0, 0)) >= (2, 35)
+    )
+
+
 def reexec_with_huge_pages() -> None:
     """Replace this process by itself (same pid, arguments and interpreter) with the
     tunable set; returns only when that would change nothing. Call it before any work:
     nothing after the call survives the exec."""
-    if sys.platform != "linux":
-        return
-    environ = huge_pages_environment(
-        os.environ, mode=transparent_huge_pages_mode(), glibc=glibc_version()
-    )
+    environ = _environment_here(os.environ)
     if environ is None:
         return
     sys.stdout.flush()
@@ -80,11 +97,7 @@ def missing_huge_pages_hint(backend: str, environ: Mapping[str, str] | None = No
     """A line for the run log where a CPU run in a process that did not go through
     ``reexec_with_huge_pages`` (the trainer called from a notebook or a script) would
     gain from the tunable; None elsewhere."""
-    if backend != "cpu" or not sys.platform.startswith("linux"):
-        return None
-    environ = os.environ if environ is None else environ
-    mode, glibc = transparent_huge_pages_mode(), glibc_version()
-    if huge_pages_environment(environ, mode=mode, glibc=glibc) is None:
+    if backend != "cpu" or _environment_here(os.environ if environ is None else environ) is None:
         return None
     return (
         "XLA's scratch memory gets 4 KiB pages in this process: start Python with "
