@@ -17,6 +17,7 @@ from clip_jax.data.pipeline import (
     make_dataset,
     normalize_image,
     read_captions,
+    resize_image,
 )
 from clip_jax.data.shards import serialize, write_shard
 from clip_jax.errors import UserError
@@ -265,6 +266,44 @@ def test_normalisation_is_bit_identical_to_the_broadcasting_formula(pre):
             for fn in (ours, formula)
         ]
         np.testing.assert_array_equal(*in_graph)
+
+
+@pytest.mark.parametrize("resize", ["crop", "squash"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_resize_is_bit_identical_to_tensorflows_resize_and_crop(resize, interpolation):
+    """resize_image skips the resize for images already at size, and crops with one
+    slice: both for speed, and no pixel may move against TensorFlow's own functions."""
+    from clip_jax.data.tf_setup import import_tf
+
+    tf = import_tf()
+    pre = PreprocessOptions(resize=resize, interpolation=interpolation)
+
+    def reference(image, size):
+        image = tf.image.convert_image_dtype(image, tf.float32)
+        if resize == "squash":
+            return tf.image.resize(image, (size, size), method=interpolation, antialias=True)
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        target = tf.cast(tf.math.ceil(shape * size / tf.reduce_min(shape)), tf.int32)
+        image = tf.image.resize(image, target, method=interpolation, antialias=True)
+        return tf.image.resize_with_crop_or_pad(image, size, size)
+
+    rng = np.random.default_rng(0)
+    # at size, one side at size, down- and up-sampling, odd crops
+    for height, width, size in [(32, 32, 32), (32, 47, 32), (33, 32, 32), (60, 41, 32),
+                                (17, 90, 16), (20, 20, 32), (225, 225, 224)]:  # fmt: skip
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        ours = resize_image(tf, image, size, pre).numpy()
+        assert ours.shape == (size, size, 3)
+        np.testing.assert_array_equal(ours, reference(image, size).numpy())
+        in_graph = tf.data.Dataset.from_tensors(image).map(
+            lambda x, size=size: resize_image(tf, x, size, pre)
+        )
+        np.testing.assert_array_equal(next(in_graph.as_numpy_iterator()), ours)
+    at_size = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(
+        resize_image(tf, at_size, 24, pre).numpy(),
+        tf.image.convert_image_dtype(at_size, tf.float32).numpy(),
+    )
 
 
 def test_thread_count_does_not_change_the_stream(synthetic_dir):
