@@ -218,6 +218,10 @@ def test_stop_reaches_the_hosts_when_the_launcher_was_killed(tmp_path):
     launcher = launch(tmp_path, env)
     try:
         wait_for(lambda: len(worker_records(tmp_path)) == 2, what="both workers")
+        # A host writes its pid file just after starting its trainer: on a loaded
+        # machine the trainer can be up first, and a stop then finds no pid to signal.
+        pid_files = lambda: [p for p in launch_files(tmp_path) if p.suffix == ".pid"]  # noqa: E731
+        wait_for(lambda: len(pid_files()) == 2, what="both pid files")
     finally:
         launcher.kill()
         launcher.wait()

@@ -70,7 +70,7 @@ def calls(tmp_path: Path) -> list[dict]:
 
 def worker_records(tmp_path: Path) -> list[dict]:
     """What reached each fake worker (worker.py): its pid, argv, spec text and mode."""
-    return [json.loads(p.read_text()) for p in sorted((tmp_path / "workers").glob("worker-*"))]
+    return [json.loads(p.read_text()) for p in sorted((tmp_path / "workers").glob("worker-*.json"))]
 
 
 def stopped_workers(tmp_path: Path) -> int:

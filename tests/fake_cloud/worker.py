@@ -29,7 +29,10 @@ record = out / f"worker-{os.getpid()}.json"
 spec_file = Path(sys.argv[2])
 mode = spec_file.stat().st_mode & 0o777
 facts = {"pid": os.getpid(), "argv": sys.argv[1:], "spec": spec_file.read_text(), "mode": mode}
-record.write_text(json.dumps({**facts, "cwd": os.getcwd()}))
+# Written whole or not at all: a test polling for it must never read a half-written file.
+partial = record.with_suffix(".partial")
+partial.write_text(json.dumps({**facts, "cwd": os.getcwd()}))
+partial.replace(record)
 print(f"worker {os.getpid()} started", flush=True)
 if os.environ.get("FAKE_WORKER_MODE", "exit") in ("wait", "stubborn"):
     time.sleep(120)
