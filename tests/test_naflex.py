@@ -33,6 +33,40 @@ def test_the_grid_keeps_the_aspect_ratio_within_the_budget(height, width, budget
         assert abs(rows / cols - height / width) / (height / width) < 0.35
 
 
+def test_the_grid_fills_the_budget_as_siglip2_does():
+    assert grid_for(64, 32, PATCH, 16) == (5, 3)  # 15 of 16, where keeping 2:1 gives 10
+    assert grid_for(32, 32, PATCH, 16) == (4, 4)
+    assert grid_for(1, 1, 16, 256) == (7, 7)  # the search's largest scale, 100
+    processor = pytest.importorskip(
+        "transformers.models.siglip2.image_processing_pil_siglip2",
+        reason="transformers (Siglip2) is not installed",
+    )
+    rng = np.random.default_rng(0)
+    shapes = [tuple(int(v) for v in hw) for hw in rng.integers(1, 4000, (400, 2))]
+    for height, width in [*shapes, (1, 100_000), (224, 224), (480, 640)]:
+        for patch, budget in [(16, 256), (8, 16), (14, 729), (16, 1024)]:
+            pixels = processor.get_image_size_for_max_num_patches(height, width, patch, budget)
+            assert grid_for(height, width, patch, budget) == tuple(p // patch for p in pixels)
+
+
+@pytest.mark.parametrize(
+    "grid",
+    [(2, 2), (3, 7)] + [pytest.param(g, marks=pytest.mark.slow) for g in [(1, 3), (9, 2), (16, 1)]],
+)
+def test_resampling_is_big_vision_s_antialiased_bilinear_resize(grid):
+    """big_vision's NaFlex ViT resizes its table with jax.image.scale_and_translate
+    (bilinear, antialias=True); transformers' Siglip2 does the same in torch."""
+    table = jax.random.normal(jax.random.key(1), (SIDE, SIDE, 6))
+    rows, cols = grid
+    ours = resample_positions(table, jnp.array([grid]), rows * cols + 3)[0]
+    reference = jax.image.scale_and_translate(
+        table, (rows, cols, 6), (0, 1), jnp.array([rows / SIDE, cols / SIDE]),
+        jnp.zeros(2), method="bilinear", antialias=True, precision=jax.lax.Precision.HIGHEST,
+    )  # fmt: skip
+    np.testing.assert_allclose(ours[: rows * cols], reference.reshape(-1, 6), atol=1e-6)
+    assert np.all(ours[rows * cols :] == 0)
+
+
 def test_resampling_to_the_tables_own_grid_is_the_table():
     table = jax.random.normal(jax.random.key(0), (SIDE, SIDE, 6))
     out = resample_positions(table, jnp.array([[SIDE, SIDE], [2, 3]]), SIDE * SIDE)

@@ -36,25 +36,24 @@ def grid(tf, height, width, patch: int, max_patches: int):
     """``models.naflex.grid_for`` in TensorFlow ops: (rows, columns) int32 scalars.
 
     The same float64 operations in the same order (each correctly rounded in both), so
-    the same grid as the model side's Python for any image. Where the one-patch floor
-    makes the grid overshoot, the longer side is cut to fit at once, which is where
-    ``grid_for``'s one-at-a-time loop ends; the loop stays as a guard.
+    the same grid as the model side's Python for any image. The bisection is unrolled:
+    a ``tf.while_loop`` costs twice the CPU per image inside tf.data (340 against 160 us).
     """
-    area = tf.cast(height, tf.int64) * tf.cast(width, tf.int64)
-    scale = tf.sqrt(float(max_patches * patch * patch) / tf.cast(area, tf.float64))
+    from clip_jax.models.naflex import SCALE_HIGH, SCALE_LOW, SCALE_STEPS
 
-    def side(length):
-        cells = tf.floor(tf.cast(length, tf.float64) * scale / patch)
-        return tf.maximum(1, tf.cast(tf.minimum(cells, 2.0**30), tf.int32))
+    sides = tf.cast(tf.stack([height, width]), tf.float64)
+    one = tf.constant(1.0, tf.float64)
 
-    rows, cols = side(height), side(width)
-    cols = tf.where(rows < cols, tf.minimum(cols, max_patches // rows), cols)
-    rows = tf.where(cols < rows, tf.minimum(rows, max_patches // cols), rows)
+    def cells(scale):
+        return tf.maximum(one, tf.math.ceil(sides * scale / patch))
 
-    def shrink(r, c):
-        return tf.where(r >= c, r - 1, r), tf.where(r >= c, c, c - 1)
-
-    return tf.while_loop(lambda r, c: r * c > max_patches, shrink, (rows, cols))
+    low, high = tf.constant(SCALE_LOW, tf.float64), tf.constant(SCALE_HIGH, tf.float64)
+    for _ in range(SCALE_STEPS):
+        mid = (low + high) / 2
+        fits = tf.reduce_prod(cells(mid)) <= max_patches
+        low, high = tf.where(fits, mid, low), tf.where(fits, high, mid)
+    rows_cols = tf.cast(cells(low), tf.int32)
+    return rows_cols[0], rows_cols[1]
 
 
 def resized(tf, image_uint8, pre: PreprocessOptions, patch: int, max_patches: int):

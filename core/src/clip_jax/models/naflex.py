@@ -1,9 +1,11 @@
 """NaFlex (SigLIP 2): images at their native aspect ratio, as a variable number of patches.
 
-Each image is resized so that its patch grid keeps the aspect ratio and holds at most
-``max_patches`` patches, cut into patches, and padded to ``max_patches`` with a mask:
-one compiled shape per budget whatever the images' shapes. The learned position table
-of the square grid is resampled (bilinearly) to each image's own grid, which is
+Each image is resized so that its patch grid keeps the aspect ratio (to a patch per
+side) and holds at most ``max_patches`` patches, cut into patches, and padded to
+``max_patches`` with a mask: one compiled shape per budget whatever the images' shapes.
+Grid and position resampling are SigLIP 2's (big_vision; transformers' Siglip2), so an
+exported model gets the inputs it trained on. The learned position table of the square
+grid is resampled (bilinearly, antialiased) to each image's own grid, which is
 computed from the grid sizes as data, so a batch of mixed shapes needs no per-image
 program. The patches keep the order ``(row, column, channel)`` inside a patch, the
 layout of the square path's patch convolution kernel, so both paths share parameters.
@@ -27,20 +29,35 @@ class NaflexImages(NamedTuple):
     valid_BxN: jax.Array  # bool: the first rows * columns patches are the image's
 
 
+# The scale search of big_vision's NaFlex preprocessing (and transformers' Siglip2 image
+# processor): bisect [1e-6, 100] until the interval is under 1e-5 wide, which is always
+# exactly 24 halvings (100 / 2**23 > 1e-5 > 100 / 2**24, far beyond float64 rounding).
+SCALE_LOW, SCALE_HIGH, SCALE_STEPS = 1e-6, 100.0, 24
+
+
 def grid_for(height: int, width: int, patch: int, max_patches: int) -> tuple[int, int]:
-    """The largest patch grid with the image's aspect ratio and at most ``max_patches``
-    patches (each side at least one patch)."""
+    """The patch grid SigLIP 2 gives an image: the largest scale whose grid, each side
+    rounded up to whole patches (at least one), holds at most ``max_patches`` patches.
+
+    The same float64 bisection as big_vision's and transformers' (``data.naflex.grid``
+    repeats it in TensorFlow), so an exported model's processor picks the grid the model
+    trained on. Rounding up fills the budget (a 2:1 image gets 5 x 3 of 16, not 5 x 2),
+    at the cost of stretching the aspect ratio by up to one patch per side.
+    """
     if max_patches < 1:
         raise ValueError("max_patches must be at least 1")
-    scale = math.sqrt(max_patches * patch * patch / (height * width))
-    rows = max(1, math.floor(height * scale / patch))
-    cols = max(1, math.floor(width * scale / patch))
-    while rows * cols > max_patches:  # rounding at the one-patch floor can overshoot
-        if rows >= cols:
-            rows -= 1
+
+    def cells(scale: float, length: int) -> int:
+        return max(1, math.ceil(length * scale / patch))
+
+    low, high = SCALE_LOW, SCALE_HIGH
+    for _ in range(SCALE_STEPS):
+        mid = (low + high) / 2
+        if cells(mid, height) * cells(mid, width) <= max_patches:
+            low = mid
         else:
-            cols -= 1
-    return rows, cols
+            high = mid
+    return cells(low, height), cells(low, width)
 
 
 def patchify(image_HxWxC: np.ndarray, patch: int) -> np.ndarray:
@@ -78,28 +95,35 @@ def as_patch_row(patches_BxNxP: jax.Array, patch: int) -> jax.Array:
 
 
 def resample_positions(table_GxGxD: jax.Array, grid_Bx2: jax.Array, count: int) -> jax.Array:
-    """(B, count, D): the square table bilinearly resampled to each image's grid, row by
-    row (half-pixel centres, as ``jax.image.resize`` without antialiasing); zeros past
-    an image's patches. A grid equal to the table's gives the table itself."""
+    """(B, count, D): the square table resized to each image's grid, patches row by row;
+    zeros past an image's patches. A grid equal to the table's gives the table itself.
+
+    Bilinear with antialiasing (a triangle filter widened by the shrink factor when a
+    side shrinks), half-pixel centres: big_vision's ``scale_and_translate`` and
+    transformers' Siglip2 resize, so an exported model embeds as it trained. Each patch
+    is a weighted sum of table cells, one product of (B, count, G*G) weights with the
+    table, since every image has a grid of its own.
+    """
     side = table_GxGxD.shape[0]
     index_N = jnp.arange(count)
-    rows_B, cols_B = grid_Bx2[:, 0:1], grid_Bx2[:, 1:2]
-    row_BxN, col_BxN = (
-        index_N[None] // jnp.maximum(cols_B, 1),
-        index_N[None] % jnp.maximum(cols_B, 1),
+    rows_Bx1, cols_Bx1 = grid_Bx2[:, 0:1], grid_Bx2[:, 1:2]
+    row_BxN = index_N[None] // jnp.maximum(cols_Bx1, 1)
+    col_BxN = index_N[None] % jnp.maximum(cols_Bx1, 1)
+    source_G = jnp.arange(side, dtype=jnp.float32)
+
+    def weights(i_BxN, n_Bx1):  # (B, count, G): output cell i of n, over the table's G
+        shrink_Bx1 = side / jnp.maximum(n_Bx1, 1).astype(jnp.float32)
+        centre_BxN = (i_BxN + 0.5) * shrink_Bx1 - 0.5
+        width_Bx1x1 = jnp.maximum(shrink_Bx1, 1.0)[..., None]
+        tent_BxNxG = 1.0 - jnp.abs(source_G - centre_BxN[..., None]) / width_Bx1x1
+        tent_BxNxG = jnp.maximum(tent_BxNxG, 0.0)
+        return tent_BxNxG / tent_BxNxG.sum(-1, keepdims=True)
+
+    rows_BxNxG, cols_BxNxG = weights(row_BxN, rows_Bx1), weights(col_BxN, cols_Bx1)
+    cells_BxNxGG = (rows_BxNxG[..., :, None] * cols_BxNxG[..., None, :]).reshape(
+        *row_BxN.shape, side * side
     )
-
-    def source(i_BxN, n_Bx1):  # centre of cell i of n, in table coordinates, clamped
-        x = (i_BxN + 0.5) * side / n_Bx1 - 0.5
-        return jnp.clip(x, 0.0, side - 1.0)
-
-    y_BxN, x_BxN = source(row_BxN, rows_B), source(col_BxN, cols_B)
-    y0, x0 = jnp.floor(y_BxN).astype(jnp.int32), jnp.floor(x_BxN).astype(jnp.int32)
-    y1, x1 = jnp.minimum(y0 + 1, side - 1), jnp.minimum(x0 + 1, side - 1)
-    wy, wx = (y_BxN - y0)[..., None], (x_BxN - x0)[..., None]
-    table = table_GxGxD.astype(jnp.float32)
-    top = table[y0, x0] * (1 - wx) + table[y0, x1] * wx
-    bottom = table[y1, x0] * (1 - wx) + table[y1, x1] * wx
-    out_BxNxD = top * (1 - wy) + bottom * wy
-    inside_BxN = index_N[None] < rows_B * cols_B
+    table_GGxD = table_GxGxD.reshape(side * side, -1).astype(jnp.float32)
+    out_BxNxD = jnp.einsum("bnc,cd->bnd", cells_BxNxGG, table_GGxD, precision="highest")
+    inside_BxN = index_N[None] < rows_Bx1 * cols_Bx1
     return jnp.where(inside_BxN[..., None], out_BxNxD, 0.0).astype(table_GxGxD.dtype)
