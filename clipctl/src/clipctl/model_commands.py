@@ -7,7 +7,10 @@ they are found and reported by the ``clipctl`` group: one line, exit 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 
 import click
 
@@ -79,15 +82,38 @@ def eval_command(
     "format_",
     default="hf",
     show_default=True,
-    help="hf: a folder transformers loads (CLIPModel or SiglipModel, tokenizer, processor).",
+    help="hf: a folder transformers loads (CLIPModel, SiglipModel or, for NaFlex runs, "
+    "Siglip2Model; tokenizer, processor).",
 )
 @click.option("--step", type=int, default=None, help="Checkpoint step (default: latest).")
 def export_command(run_dir: str, out: str, format_: str, step: int | None) -> None:
     """Write RUN_DIR's model to OUT in another format (Hugging Face transformers)."""
     from clip_jax.export import export
 
-    path = export(run_dir, out, format_, step)
+    with echoed_warnings("clip_jax.export"):
+        path = export(run_dir, out, format_, step)
     click.echo(f"wrote {path} ({format_})")
+
+
+@contextlib.contextmanager
+def echoed_warnings(logger: str) -> Iterator[None]:
+    """The logger's warnings as ``warning: ...`` lines on stderr while the block runs:
+    what a converter has to say about its output (a NaFlex run exported at a fixed
+    size, say) reaches the person at the terminal, once, in clipctl's own style."""
+
+    class Echo(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            click.secho("warning: ", fg="yellow", bold=True, err=True, nl=False)
+            click.echo(record.getMessage(), err=True)
+
+    target, handler = logging.getLogger(logger), Echo(logging.WARNING)
+    propagate, target.propagate = target.propagate, False
+    target.addHandler(handler)
+    try:
+        yield
+    finally:
+        target.removeHandler(handler)
+        target.propagate = propagate
 
 
 images_option = click.option(

@@ -1,32 +1,52 @@
 """Writing the ``clip`` architecture as a transformers folder (``clipctl export --format hf``).
 
 The tensors, ``config.json``, the run's tokenizer and ``preprocessor_config.json``, so
-that ``AutoModel`` and ``AutoProcessor`` load it and give our embeddings.
+that ``AutoModel`` and ``AutoProcessor`` load it and give our embeddings. Which model:
+CLIPModel or SiglipModel by the layout (``hf_format.layout_of``); a NaFlex run
+(``preprocess.resize = "naflex"``) in the SigLIP layout is a Siglip2Model, the one
+transformers model that takes images at their native aspect ratio as we do.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from clip_jax.data.naflex import budget
 from clip_jax.models.hf_format import ACTIVATIONS_OUT, entries, layout_of, packed_attention
 from clip_jax.models.weight_layout import unstack_scanned
 
+if TYPE_CHECKING:
+    from clip_jax.spec import RunSpec
+
+# What the export has to say beyond "written" (``clipctl export`` prints these lines).
+log = logging.getLogger("clip_jax.export")
+
+
+def is_siglip2(spec: RunSpec) -> bool:
+    """Whether the export is a Siglip2Model: a NaFlex run in the SigLIP layout. Siglip2
+    takes padded patch sequences with their grids and resamples its position table per
+    image as our ViT does; a fixed-size SiglipModel would be fed squashed squares instead."""
+    return spec.preprocess.resize == "naflex" and layout_of(spec.model) == "siglip"
+
 
 def write_folder(
-    params: dict[str, np.ndarray], spec, tokenizer_file: Path | None, out: Path
+    params: dict[str, np.ndarray], spec: RunSpec, tokenizer_file: Path | None, out: Path
 ) -> None:
     """Export: model.safetensors + config.json + tokenizer + processor files in ``out``."""
     from safetensors.numpy import save_file
 
     options = spec.model
     layout = layout_of(options)
+    siglip2 = is_siglip2(spec)
+    _report(spec, siglip2, tokenizer_file is not None)
     params = unstack_scanned(dict(params))
     tensors = {}
-    for ours, theirs, (_, to_theirs) in entries(options, layout):
+    for ours, theirs, (_, to_theirs) in entries(options, layout, naflex=siglip2):
         if ours == "logit_bias" and ours not in params:  # trained without a bias
             params[ours] = np.zeros((), np.float32)
         tensors[theirs] = np.array(to_theirs(np.asarray(params[ours], np.float32)))
@@ -36,15 +56,43 @@ def write_folder(
             packed.setdefault(theirs, []).append(to_theirs(np.asarray(params[ours], np.float32)))
         tensors |= {k: np.concatenate(v, axis=0) for k, v in packed.items()}
     out.mkdir(parents=True, exist_ok=True)
-    eos = _write_tokenizer(spec, tokenizer_file, out, layout, tensors)
+    extra = _siglip2_call_defaults(spec) if siglip2 else {}
+    eos = _write_tokenizer(spec, tokenizer_file, out, layout, tensors, extra)
     save_file(
         {k: np.array(v, np.float32, order="C") for k, v in tensors.items()},
         out / "model.safetensors",
     )
-    config = _config(options, layout, eos)
+    config = _siglip2_config(options, eos) if siglip2 else _config(options, layout, eos)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "preprocessor_config.json").write_text(
-        json.dumps(_processor_config(spec, layout), indent=2)
+    processor = _siglip2_processor(spec) if siglip2 else _processor_config(spec, layout)
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+
+
+def _report(spec, siglip2: bool, tokenizer: bool) -> None:
+    """The warnings a NaFlex export needs: what a CLIPModel cannot do, and how
+    transformers 5 must be told which tokenizer a Siglip2 folder has."""
+    if spec.preprocess.resize != "naflex":
+        return
+    v = spec.model.vision
+    if not siglip2:
+        side = v.image_size // v.patch_size
+        log.warning(
+            "preprocess.resize = 'naflex': transformers' CLIPModel has no NaFlex mode, so "
+            "this export is the fixed-resolution model: images squashed to %dx%d (its "
+            "processor does so), positions at the trained %dx%d grid. Its embeddings are "
+            "not the run's native-aspect-ratio ones; a SigLIP-layout run "
+            "(model.vision.pool = 'map') exports as a NaFlex Siglip2Model",
+            v.image_size, v.image_size, side, side,
+        )  # fmt: skip
+        return
+    if not tokenizer:
+        return
+    own = "SiglipTokenizer" if spec.tokenizer.name == "sentencepiece" else "PreTrainedTokenizerFast"
+    log.warning(
+        "Siglip2Model: transformers >= 5 gives every siglip2 folder Gemma's Siglip2Tokenizer, "
+        "which this run's tokenizer is not; load the processor with "
+        "AutoProcessor.from_pretrained(OUT, tokenizer=%s.from_pretrained(OUT))",
+        own,
     )
 
 
@@ -86,11 +134,29 @@ def _config(options, layout: str, eos: int | None) -> dict[str, Any]:
     }
 
 
-def _processor_config(spec, layout: str) -> dict[str, Any]:
-    pre, size = spec.preprocess, spec.model.vision.image_size
-    processor = "SiglipProcessor" if layout == "siglip" else "CLIPProcessor"
-    common = {
-        "processor_class": processor,
+def _siglip2_config(options, eos: int | None) -> dict[str, Any]:
+    """SiglipModel's config under Siglip2's names; the vision tower is sized by its
+    position table (``num_patches``, a square grid) instead of an image size."""
+    siglip = _config(options, "siglip", eos)
+    vision = {k: v for k, v in siglip["vision_config"].items() if k != "image_size"}
+    side = options.vision.image_size // options.vision.patch_size
+    return {
+        **siglip,
+        "architectures": ["Siglip2Model"],
+        "model_type": "siglip2",
+        "vision_config": {
+            **vision,
+            "model_type": "siglip2_vision_model",
+            "num_patches": side * side,
+        },
+        "text_config": {**siglip["text_config"], "model_type": "siglip2_text_model"},
+    }
+
+
+def _common_processor(spec, processor_class: str) -> dict[str, Any]:
+    pre = spec.preprocess
+    return {
+        "processor_class": processor_class,
         "do_resize": True,
         "resample": 3 if pre.interpolation == "bicubic" else 2,
         "do_rescale": True,
@@ -100,6 +166,38 @@ def _processor_config(spec, layout: str) -> dict[str, Any]:
         "image_std": list(pre.std),
         "do_convert_rgb": True,
     }
+
+
+def _siglip2_call_defaults(spec) -> dict[str, Any]:
+    """tokenizer_config.json entries for Siglip2Processor's calls. The processor passes
+    its own defaults (16 px patches, 256 of them, texts padded to 64 tokens) to its image
+    processor and tokenizer, over their configs; only the tokenizer's init kwargs come
+    before those defaults, so the run's values are written there."""
+    v = spec.model.vision
+    return {
+        "patch_size": v.patch_size,
+        "max_num_patches": budget(spec.preprocess, v.image_size, v.patch_size),
+        "max_length": spec.model.text.context_length,
+    }
+
+
+def _siglip2_processor(spec) -> dict[str, Any]:
+    """Siglip2ImageProcessor: each image resized to at most the run's patch budget,
+    keeping its aspect ratio, cut into patches and padded, as the data pipeline does."""
+    v = spec.model.vision
+    return {
+        **_common_processor(spec, "Siglip2Processor"),
+        "image_processor_type": "Siglip2ImageProcessor",
+        "patch_size": v.patch_size,
+        "max_num_patches": budget(spec.preprocess, v.image_size, v.patch_size),
+    }
+
+
+def _processor_config(spec, layout: str) -> dict[str, Any]:
+    """A fixed-size processor: CLIP's crop, or a squash to the model's square (the SigLIP
+    layout's, and a CLIP-layout NaFlex run's, which CLIPModel can only take square)."""
+    pre, size = spec.preprocess, spec.model.vision.image_size
+    common = _common_processor(spec, "SiglipProcessor" if layout == "siglip" else "CLIPProcessor")
     if pre.resize == "crop":
         return {
             **common,
@@ -107,6 +205,13 @@ def _processor_config(spec, layout: str) -> dict[str, Any]:
             "size": {"shortest_edge": size},
             "do_center_crop": True,
             "crop_size": {"height": size, "width": size},
+        }
+    if layout == "clip":
+        return {
+            **common,
+            "image_processor_type": "CLIPImageProcessor",
+            "size": {"height": size, "width": size},
+            "do_center_crop": False,
         }
     return {
         **common,
@@ -116,9 +221,10 @@ def _processor_config(spec, layout: str) -> dict[str, Any]:
 
 
 def _write_tokenizer(
-    spec, tokenizer_file: Path | None, out: Path, layout: str, tensors
+    spec, tokenizer_file: Path | None, out: Path, layout: str, tensors, extra: dict[str, Any]
 ) -> int | None:
-    """Copy the run's tokenizer into ``out``; returns the end-of-text id transformers should use.
+    """Copy the run's tokenizer into ``out``, ``extra`` added to its tokenizer_config.json;
+    returns the end-of-text id transformers should use.
 
     transformers' CLIP reads the text at the first end-of-text token, except for an id of
     2, which it treats as an old config and replaces by the argmax of the ids. Our BPE's
@@ -129,7 +235,7 @@ def _write_tokenizer(
         return None
     text = spec.model.text
     if spec.tokenizer.name == "sentencepiece":
-        return _write_sentencepiece(spec, tokenizer_file, out)
+        return _write_sentencepiece(spec, tokenizer_file, out, extra)
     vocab = json.loads(Path(tokenizer_file).read_text())
     eos = _end_token_id(vocab)
     pad = getattr(spec.tokenizer, "pad_id", 0)  # what the run's texts were padded with
@@ -149,12 +255,13 @@ def _write_tokenizer(
         "pad_token": pad_token,
         "eos_token": eos_token,
         "padding_side": "right",
+        **extra,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return eos
 
 
-def _write_sentencepiece(spec, tokenizer_file: Path, out: Path) -> int:
+def _write_sentencepiece(spec, tokenizer_file: Path, out: Path, extra: dict[str, Any]) -> None:
     """SigLIP's own tokenizer files: spiece.model and a SiglipTokenizer config, refused
     when the run changed the text handling SiglipTokenizer does."""
     import base64
@@ -175,6 +282,7 @@ def _write_sentencepiece(spec, tokenizer_file: Path, out: Path) -> int:
         "pad_token": "</s>",
         "eos_token": "</s>",
         "unk_token": "<unk>",
+        **extra,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return None

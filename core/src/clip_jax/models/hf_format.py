@@ -9,6 +9,8 @@ converting tensors is cheap and safe anywhere.
 - SigLIP (and SigLIP 2 checkpoints published in the same layout): patch bias, no class
   token, MAP head (torch's packed ``in_proj``) whose output is the image embedding,
   bidirectional text read at its last position with nothing masked, a text head with bias.
+  A NaFlex run exports as Siglip2Model: the same tensors but the patch embedding, a
+  Linear on flattened patches.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from clip_jax.models.weight_layout import (
     attention_out,
     convert,
     finish_import,
+    flat_patches,
     split_heads,
     tensor,
 )
@@ -142,13 +145,19 @@ def layout_of(options) -> str:
     return layout
 
 
-def entries(options, layout: str) -> list[tuple[str, str, tuple[Callable, Callable]]]:
-    """(our parameter, transformers tensor, (to ours, to theirs)) for every parameter."""
+def entries(
+    options, layout: str, naflex: bool = False
+) -> list[tuple[str, str, tuple[Callable, Callable]]]:
+    """(our parameter, transformers tensor, (to ours, to theirs)) for every parameter.
+
+    ``naflex``: Siglip2Model's tensors (the SigLIP layout with the patch embedding as a
+    Linear on flattened patches; every other name and shape is SiglipModel's)."""
     v, t = options.vision, options.text
     vm, tm = "vision_model", "text_model"
+    patches = flat_patches(v.patch_size) if naflex else CONV
     out = list(_tower("vision", vm, v)) + list(_tower("text", tm, t))
     out += [
-        ("vision/patch_embed/kernel", f"{vm}.embeddings.patch_embedding.weight", CONV),
+        ("vision/patch_embed/kernel", f"{vm}.embeddings.patch_embedding.weight", patches),
         ("vision/pos_embed", f"{vm}.embeddings.position_embedding.weight", COPY),
         ("text/token_embed/embedding", f"{tm}.embeddings.token_embedding.weight", COPY),
         ("text/pos_embed", f"{tm}.embeddings.position_embedding.weight", COPY),

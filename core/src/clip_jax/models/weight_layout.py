@@ -26,6 +26,16 @@ SCALAR_0D: Layout = (lambda w: w.reshape(()), lambda k: np.reshape(k, ()))
 CONV: Layout = (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))
 
 
+def flat_patches(patch: int) -> Layout:
+    """Our patch convolution (p, p, C, D) <-> a torch Linear on flattened patches
+    (D, p * p * C), patch vectors ordered (row, column, channel) as ``models.naflex``
+    cuts them: transformers' Siglip2 embeds NaFlex patches this way."""
+    return (
+        lambda w: w.T.reshape(patch, patch, -1, w.shape[0]),
+        lambda k: k.reshape(-1, k.shape[-1]).T,
+    )
+
+
 def split_heads(width: int, count: int) -> Layout:
     """q/k/v projections: torch (H*K, D) <-> ours (D, H, K); biases (H*K) <-> (H, K)."""
     return (
