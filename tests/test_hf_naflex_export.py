@@ -318,3 +318,57 @@ def test_clipctl_export_of_a_naflex_clip_run_warns_and_loads(small_run, tmp_path
     with torch.no_grad():
         features = model.get_image_features(pixel_values=batch["pixel_values"])
     assert _unit(features).shape == (1, spec.model.embed_dim)
+
+
+# ---------------------------------------------------------------- importing Siglip2
+@pytest.mark.slow
+def test_the_export_imports_back_as_the_same_naflex_run(siglip_run, siglip2_folder):
+    import clip_jax
+    from clip_jax import pretrained
+
+    loaded = clip_jax.load(f"hf:{siglip2_folder}")
+    pre, vision = loaded.spec.preprocess, loaded.spec.model.vision
+    assert (pre.resize, pre.max_patches, pre.interpolation) == ("naflex", BUDGET, "bilinear")
+    assert (vision.image_size, vision.patch_size, vision.pool) == (PATCH * SIDE, PATCH, "map")
+    flat = pretrained.flatten(jax_numpy(loaded.params))
+    assert flat.keys() == siglip_run.flat.keys()
+    for name, value in siglip_run.flat.items():
+        np.testing.assert_array_equal(flat[name], value, err_msg=name)
+
+
+@pytest.mark.slow
+def test_a_siglip2_model_made_by_transformers_imports_with_parity(siglip_run, tmp_path):
+    """Tensor names and config as transformers itself writes them (as published SigLIP 2
+    NaFlex checkpoints are), not as our export does."""
+    import clip_jax
+    from clip_jax.train.state import make_encoders
+
+    vision = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_patches": SIDE * SIDE, "patch_size": PATCH}  # fmt: skip
+    text = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 16,
+            "projection_size": 48}  # fmt: skip
+    torch.manual_seed(0)
+    config = transformers.Siglip2Config(vision_config=vision, text_config=text)
+    reference = transformers.Siglip2Model(config).eval()
+    folder = tmp_path / "made-by-transformers"
+    reference.save_pretrained(folder)
+    siglip_run.tokenizer.save(folder / "tokenizer.json")
+    loaded = clip_jax.load(f"hf:{folder}")
+    assert loaded.spec.preprocess.resize == "naflex"
+    assert loaded.spec.preprocess.max_patches == 256  # Siglip2ImageProcessor's default
+    encode_images, _ = make_encoders(loaded.comps.model)
+    for case in ("own", "smaller", "larger-and-smaller"):
+        batch = naflex_batch(GRIDS[case], seed=3)
+        ours = _unit(encode_images(loaded.params, batch))
+        assert np.abs(ours - hf_image_embeddings(reference, batch)).max() <= TOL, case
+    ids = np.asarray(loaded.tokenizer(TEXTS))
+    with torch.no_grad():
+        want = reference.get_text_features(input_ids=torch.tensor(ids, dtype=torch.long))
+    assert np.abs(loaded._tokens(ids) - _unit(want)).max() <= TOL
+
+
+def jax_numpy(tree):
+    import jax
+
+    return jax.tree.map(np.asarray, tree)

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from clip_jax.errors import UserError
-from clip_jax.models.hf_format import tokenizer_pad_id
+from clip_jax.models.hf_import import tokenizer_pad_id
 from clip_jax.models.weight_layout import finish_import
 
 _BLOCK_PARTS = (  # (ours, theirs) inside one encoder block

@@ -1,7 +1,8 @@
 """The ``clip`` architecture in Hugging Face's layout: transformers' CLIPModel and SiglipModel.
 
-Both directions live here (the writing side in ``hf_export``), with the architecture that owns the parameter names, so no
-generic code names a parameter. numpy only (no torch, no jax): reading a config or
+The tensor mapping lives here, with the architecture that owns the parameter names, so
+no generic code names a parameter; ``hf_import`` reads the folder's configs into a run
+spec, ``hf_export`` writes them. numpy only (no torch, no jax): reading a config or
 converting tensors is cheap and safe anywhere.
 
 - CLIP: patch conv without bias, class token, learned positions with a class slot,
@@ -9,13 +10,12 @@ converting tensors is cheap and safe anywhere.
 - SigLIP (and SigLIP 2 checkpoints published in the same layout): patch bias, no class
   token, MAP head (torch's packed ``in_proj``) whose output is the image embedding,
   bidirectional text read at its last position with nothing masked, a text head with bias.
-  A NaFlex run exports as Siglip2Model: the same tensors but the patch embedding, a
-  Linear on flattened patches.
+  Siglip2Model (NaFlex): the same tensors but the patch embedding, a Linear on
+  flattened patches; a NaFlex run exports as one, and one imports as a NaFlex run.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,36 +37,8 @@ from clip_jax.models.weight_layout import (
     split_heads,
     tensor,
 )
-from clip_jax.schemas import CLIP_MEAN, CLIP_STD
 
-ACTIVATIONS_IN = {
-    "quick_gelu": "quick_gelu",
-    "gelu": "gelu",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_new": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",
-}
 ACTIVATIONS_OUT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-
-# transformers' defaults, for config.json files that leave them out.
-_DEFAULTS = {
-    "clip": (
-        {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-         "num_attention_heads": 12, "image_size": 224, "patch_size": 32,
-         "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
-        {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048,
-         "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 77,
-         "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
-    ),
-    "siglip": (
-        {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-         "num_attention_heads": 12, "image_size": 224, "patch_size": 16,
-         "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "vision_use_head": True},
-        {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 3072,
-         "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 64,
-         "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6},
-    ),
-}  # fmt: skip
 
 
 def _norm(ours: str, theirs: str, bias: bool = True) -> Iterator[tuple]:
@@ -205,62 +177,29 @@ class HuggingFaceFormat:
     """``hf:PATH``: a folder written by transformers' ``save_pretrained``."""
 
     name = "hf"
-    description = "a folder saved by transformers (CLIPModel, SiglipModel)"
+    description = "a folder saved by transformers (CLIPModel, SiglipModel, Siglip2Model)"
 
     def recognizes(self, path: Path) -> bool:
-        return _model_type(path) in ("clip", "siglip")
+        from clip_jax.models.hf_import import model_type
+
+        return model_type(path) is not None
 
     def spec_defaults(self, path: Path) -> dict[str, Any]:
         """The run-spec tables that describe this checkpoint: model, loss, tokenizer,
         preprocess (reads JSON only)."""
-        config = _read_json(path / "config.json")
-        layout = _model_type(path)
-        vision_cfg, text_cfg = _tower_configs(config, layout)
-        shared_vision = _tower_options(vision_cfg)
-        shared_text = _tower_options(text_cfg)
-        vision = {
-            **shared_vision,
-            "image_size": vision_cfg["image_size"],
-            "patch_size": vision_cfg["patch_size"],
-        }
-        text = {
-            **shared_text,
-            "vocab_size": text_cfg["vocab_size"],
-            "context_length": text_cfg["max_position_embeddings"],
-        }
-        if layout == "clip":
-            vision |= {"patch_bias": False, "norm_pre": True, "pool": "tok",
-                       "projection": "linear", "projection_bias": False}  # fmt: skip
-            text |= {"causal": True, "pool": "eos", "pad_id": 0,
-                     "projection": "linear", "projection_bias": False}  # fmt: skip
-            embed_dim = config.get("projection_dim", 512)
-            loss = {"name": "softmax"}
-        else:
-            if not vision_cfg.get("vision_use_head", True):
-                raise UserError(f"{path}: a SigLIP vision tower without its head is not supported")
-            vision |= {"patch_bias": True, "norm_pre": False, "pool": "map", "projection": "none"}
-            embed_dim = text_cfg.get("projection_size", text_cfg["hidden_size"])
-            text |= {"causal": False, "pool": "last", "pad_id": None,
-                     "projection": "linear", "projection_bias": True}  # fmt: skip
-            loss = {"name": "sigmoid"}
-        return {
-            "model": {
-                "architecture": "clip",
-                "embed_dim": embed_dim,
-                "vision": vision,
-                "text": text,
-            },
-            "loss": loss,
-            "tokenizer": _tokenizer_defaults(path, layout),
-            "preprocess": _preprocess_defaults(path, layout),
-        }
+        from clip_jax.models.hf_import import spec_defaults
+
+        return spec_defaults(path)
 
     def read_params(self, path: Path, spec, tensors: dict[str, np.ndarray]) -> tuple[dict, dict]:
         """(flat parameters named our way, our name -> their tensor name)."""
+        from clip_jax.models.hf_import import model_type
+
         options = spec.model
         layout = layout_of(options)  # the spec may not change what the tensors compute
+        naflex = model_type(path) == "siglip2"  # its patch embedding is a Linear
         params, names = {}, {}
-        for ours, theirs, (to_ours, _) in entries(options, layout):
+        for ours, theirs, (to_ours, _) in entries(options, layout, naflex=naflex):
             params[ours] = convert(tensors, theirs, to_ours)
             names[ours] = theirs
         if layout == "siglip":
@@ -286,96 +225,3 @@ class HuggingFaceFormat:
 
 
 HF_FORMAT = HuggingFaceFormat()
-
-
-# -------------------------------------------------------------------- reading
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} is not readable JSON: {exc}") from None
-
-
-def _model_type(path: Path) -> str | None:
-    config = path / "config.json"
-    if not config.is_file():
-        return None
-    data = _read_json(config)
-    model_type = data.get("model_type") if isinstance(data, dict) else None
-    if model_type not in ("clip", "siglip"):
-        raise UserError(
-            f"{config}: model_type {model_type!r} is not supported (clip or siglip; SigLIP 2 "
-            "checkpoints in the siglip layout load as siglip)"
-        )
-    return model_type
-
-
-def _tower_configs(config: dict, layout: str) -> tuple[dict, dict]:
-    vision_defaults, text_defaults = _DEFAULTS[layout]
-    vision = {**vision_defaults, **(config.get("vision_config") or {})}
-    text = {**text_defaults, **(config.get("text_config") or {})}
-    return vision, text
-
-
-def _tower_options(cfg: dict) -> dict[str, Any]:
-    act = cfg["hidden_act"]
-    if act not in ACTIVATIONS_IN:
-        raise UserError(f"config.json: hidden_act {act!r} is not supported")
-    return {
-        "width": cfg["hidden_size"],
-        "depth": cfg["num_hidden_layers"],
-        "heads": cfg["num_attention_heads"],
-        "mlp_dim": cfg["intermediate_size"],
-        "activation": ACTIVATIONS_IN[act],
-        "norm_eps": cfg["layer_norm_eps"],
-        "positions": "learned",
-    }
-
-
-def _tokenizer_defaults(path: Path, layout: str) -> dict[str, Any]:
-    if layout == "siglip" and (path / "spiece.model").is_file():
-        return {"name": "sentencepiece", "path": str(path / "spiece.model")}
-    if (path / "tokenizer.json").is_file():
-        pad = 0 if layout == "clip" else tokenizer_pad_id(path)
-        return {"name": "bpe", "path": str(path / "tokenizer.json"), "pad_id": pad}
-    raise UserError(
-        f"{path} has no tokenizer (tokenizer.json, or spiece.model for SigLIP): save the "
-        "model's tokenizer with it (tokenizer.save_pretrained(PATH))"
-    )
-
-
-def tokenizer_pad_id(path: Path) -> int:
-    """The id of the tokenizer's own padding token (SigLIP pads with it, unmasked)."""
-    config = path / "tokenizer_config.json"
-    pad = _read_json(config).get("pad_token") if config.is_file() else None
-    if isinstance(pad, dict):
-        pad = pad.get("content")
-    vocab = _read_json(path / "tokenizer.json")
-    for token in vocab.get("added_tokens", []):
-        if token.get("content") == pad:
-            return int(token["id"])
-    return 0
-
-
-def _resample(config: dict, file: Path) -> int:
-    """PIL's resample code: 3 bicubic (transformers' default), 2 bilinear; no other."""
-    resample = config.get("resample", 3)
-    if resample not in (2, 3):
-        raise UserError(f"{file}: resample {resample!r} is not supported (2 bilinear, 3 bicubic)")
-    return resample
-
-
-def _preprocess_defaults(path: Path, layout: str) -> dict[str, Any]:
-    file = path / "preprocessor_config.json"
-    config = _read_json(file) if file.is_file() else {}
-    siglip = layout == "siglip"
-    half = (0.5, 0.5, 0.5)
-    crop = config.get("do_center_crop", not siglip)
-    return {
-        "mean": list(config.get("image_mean", half if siglip else CLIP_MEAN)),
-        "std": list(config.get("image_std", half if siglip else CLIP_STD)),
-        "resize": "crop" if crop else "squash",
-        "interpolation": "bilinear" if _resample(config, file) == 2 else "bicubic",
-    }

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_jax.errors import UserError
-from clip_jax.models.hf_format import tokenizer_pad_id
+from clip_jax.models.hf_import import tokenizer_pad_id
 from clip_jax.presets import CLIP_PRESETS, OPEN_CLIP_COUNTS
 from clip_jax.schemas import CLIP_MEAN, CLIP_STD
 
