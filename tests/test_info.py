@@ -50,6 +50,23 @@ def test_clip_b32_counts_and_flops():
 
 
 @pytest.mark.slow
+def test_auxiliary_terms_count_in_the_flops_and_parameters():
+    """siglip2-tiny trains a captioning decoder and the teacher's terms with its towers:
+    their work (the teacher pass, the views) is part of every step's FLOPs."""
+    with_terms = model_info(load_spec(TEMPLATES["siglip2-tiny"].path))
+    towers = model_info(load_spec(TEMPLATES["siglip2-tiny"].path, ["loss.aux=[]"]))
+    counts = with_terms["parameters"]
+    assert counts["aux"] > 0 and "aux" not in towers["parameters"]
+    assert counts["total"] == towers["parameters"]["total"] + counts["aux"]
+    assert counts["heads"] == towers["parameters"]["heads"]
+    assert with_terms["train_flops_per_pair"] > 2 * towers["train_flops_per_pair"]
+    shown = CliRunner().invoke(cli, ["info", str(TEMPLATES["siglip2-tiny"].path), "--no-memory"])
+    assert shown.exit_code == 0, shown.output
+    (line,) = [x for x in shown.output.splitlines() if x.startswith("  auxiliary terms ")]
+    assert line.split()[-1] == f"{counts['aux']:,}"
+
+
+@pytest.mark.slow
 def test_per_device_bytes_follow_the_strategy_for_devices_not_here():
     spec = load_spec(TEMPLATES["siglip-b16"].path)
     facts = model_info(spec, devices=16)

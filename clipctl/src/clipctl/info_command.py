@@ -65,6 +65,7 @@ def _print_facts(facts: dict[str, Any], strategy: str) -> None:
         ("  vision tower", f"{counts['vision']:,}"),
         ("  text tower", f"{counts['text']:,}"),
         ("  projections, scale", f"{counts['heads']:,}"),
+        *([("  auxiliary terms", f"{counts['aux']:,}")] if "aux" in counts else []),
         ("train FLOPs / pair", f"{facts['train_flops_per_pair'] / 1e9:,.2f} G"),
         (f"mesh ({facts['devices']} devices)", f"{mesh} ({strategy})"),
         ("param bytes / device", f"{facts['param_bytes_per_device'] / 2**20:,.1f} MiB"),

@@ -52,31 +52,31 @@ def model_info(spec: RunSpec, devices: int | None = None) -> dict[str, Any]:
         loss = comps.registry.get("loss", spec.loss.name).factory(spec.loss, None)
     architecture = comps.registry.get("architecture", spec.model.architecture)
     model = architecture.factory(spec.model, loss.init_temperature, loss.init_bias)
+    if comps.aux_terms:  # their modules train with the towers: FLOPs and parameters count them
+        from flax.core import FrozenDict
+
+        model = model.clone(aux=FrozenDict({t.name: t.module for t in comps.aux_terms}))
     v, t = spec.model.vision, spec.model.text
     images = jax.ShapeDtypeStruct((FLOPS_BATCH, v.image_size, v.image_size, 3), jnp.float32)
     tokens = jax.ShapeDtypeStruct((FLOPS_BATCH, t.context_length), jnp.int32)
     boxed = param_shapes(model, spec)
     params = nn.unbox(boxed)
 
-    def loss_of(params, images, tokens):
-        return loss_fn(*model.apply({"params": params}, images, tokens))
-
-    loss_fn = loss.fn
-    lowered = jax.jit(jax.value_and_grad(loss_of)).lower(params, images, tokens)
-    cost = lowered.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, list) else cost
+    cost = _train_cost(comps, model, loss.fn, params, images, tokens)
 
     count = devices or jax.device_count()
     mesh = dict(zip(AXES, resolve_mesh_shape(spec.sharding.mesh, count), strict=True))
     rules = dict(_rules_of(comps, count))
     vision, text = _count(params.get("vision", {})), _count(params.get("text", {}))
+    aux = _count({k: v for k, v in params.items() if k.startswith("aux_")})
     total = _count(params)
     return {
         "parameters": {
             "total": total,
             "vision": vision,
             "text": text,
-            "heads": total - vision - text,  # projections, logit scale (and bias)
+            "heads": total - vision - text - aux,  # projections, logit scale (and bias)
+            **({"aux": aux} if aux else {}),  # the auxiliary terms' modules (decoder, heads)
         },
         "train_flops_per_pair": float(cost.get("flops", 0.0)) / FLOPS_BATCH,
         "devices": count,
@@ -84,6 +84,36 @@ def model_info(spec: RunSpec, devices: int | None = None) -> dict[str, Any]:
         "param_bytes_per_device": _per_device_bytes(boxed, rules, mesh),
         "param_bytes_total": int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))),
     }
+
+
+def _train_cost(comps, model, loss_fn, params, images, tokens) -> dict[str, Any]:
+    """XLA's cost of the differentiated objective: the contrastive loss, plus every
+    auxiliary term when the run has some (captioning, the teacher's terms with their
+    teacher pass and views: the run's last stage, when all are on), which can cost
+    several times the towers (siglip2-tiny: 307 against 103 MFLOP per pair)."""
+    if comps.aux_terms:
+        from clip_jax.heads import contrastive_objective
+        from clip_jax.train.teacher import teacher_keys, teacher_of
+
+        objective = contrastive_objective(model, loss_fn, aux_terms=comps.aux_terms)
+        extras: dict[str, Any] = {}
+        if "view_keys" in getattr(objective, "example_inputs", ()):
+            keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), FLOPS_BATCH))
+            teacher = jax.eval_shape(lambda p: teacher_of(p, teacher_keys(model)), params)
+            extras = {"teacher": teacher, "view_keys": keys}
+
+        def loss_of(params, images, tokens, **extras):
+            dropout = jax.random.key(0)
+            return objective(params, images, tokens, None, dropout, **extras)[0]
+    else:
+
+        def loss_of(params, images, tokens):
+            return loss_fn(*model.apply({"params": params}, images, tokens))
+
+        extras = {}
+    lowered = jax.jit(jax.value_and_grad(loss_of)).lower(params, images, tokens, **extras)
+    cost = lowered.cost_analysis() or {}
+    return cost[0] if isinstance(cost, list) else cost
 
 
 def _plain_sigmoid_loss(spec: RunSpec):
