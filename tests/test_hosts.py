@@ -121,6 +121,30 @@ def test_a_host_is_sent_sigterm_once_and_sigkill_after(tmp_path):
     assert proc.wait(timeout=10) == -signal.SIGKILL  # ...but not SIGKILL
 
 
+def test_a_stop_waits_for_a_host_that_is_still_writing_its_pid_file(tmp_path):
+    """The spec is there, the trainer is starting, its pid file comes a moment later."""
+    files = str(tmp_path / "w0")
+    Path(files + ".toml").write_text("[run]\n")
+    stop = subprocess.Popen(["sh", "-c", hosts.signal_command(files, "TERM")])
+    time.sleep(0.5)
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)", files + ".toml"]
+    )
+    time.sleep(0.2)  # its command line names the spec
+    Path(files + ".pid").write_text(f"{trainer.pid}\n")
+    try:
+        assert stop.wait(timeout=10) == 0
+        assert trainer.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        trainer.kill()
+    # a host whose run is over (no spec, no pid file) is not waited for
+    started = time.monotonic()
+    Path(files + ".toml").unlink()
+    Path(files + ".pid.stopping").unlink()
+    assert subprocess.run(["sh", "-c", hosts.signal_command(files, "TERM")]).returncode != 0
+    assert time.monotonic() - started < 1.0
+
+
 def test_a_stale_pid_file_never_signals_another_process(tmp_path):
     """The pid in a pid file left behind now belongs to an unrelated process."""
     files = str(tmp_path / "w0")

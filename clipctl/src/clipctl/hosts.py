@@ -198,7 +198,8 @@ def signal_command(files: str, signal_name: str) -> str:
     file left behind never reaches an unrelated process that reused the pid. SIGTERM is
     sent once per host: the pid file is renamed as it is used, so asking again (gcloud
     reaches every worker, and some may not have started yet) never hits a trainer a
-    second time while it saves its checkpoint. SIGKILL takes either name.
+    second time while it saves its checkpoint. A host caught between writing its spec and
+    its pid file is waited for. SIGKILL takes either name.
     """
     q = shlex.quote
     spec, pid, sent = q(files + ".toml"), q(files + ".pid"), q(files + ".pid.stopping")
@@ -209,7 +210,11 @@ def signal_command(files: str, signal_name: str) -> str:
             '&& kill -KILL "$p"; done; true'
         )
     else:
+        # A host that has its spec but no pid file yet is starting its clipctl (the pid
+        # is written just after): wait for it, up to 5 s, rather than miss it.
+        starting = f"[ -f {spec} ] && [ ! -f {pid} ] && [ ! -f {sent} ]"
         script = (
+            f'i=0; while {starting} && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i+1)); done; '
             f"test -f {pid} && p=$(cat {pid}) && {ours} && mv -f {pid} {sent} "
             f'&& kill -{signal_name} "$p"'
         )
