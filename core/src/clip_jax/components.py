@@ -66,13 +66,17 @@ class Components:
                 f"loss.aux: auxiliary terms train the two towers' contrastive model; "
                 f"head {self.head.name!r} has its own objective (remove [[loss.aux]])"
             )
+        return self.with_aux_terms(model)
+
+    def with_aux_terms(self, model):
+        """``model`` carrying the auxiliary terms' modules (they train with the towers)."""
+        from flax.core import FrozenDict
+
         if "aux" not in getattr(model, "__dataclass_fields__", {}):
             raise UserError(
                 f"loss.aux: architecture {self.spec.model.architecture!r} has no place for "
                 "auxiliary terms (build it with clip_jax.models.clip.two_tower)"
             )
-        from flax.core import FrozenDict
-
         return model.clone(aux=FrozenDict({t.name: t.module for t in self.aux_terms}))
 
     def objective(self, model=None):

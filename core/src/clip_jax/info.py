@@ -53,9 +53,7 @@ def model_info(spec: RunSpec, devices: int | None = None) -> dict[str, Any]:
     architecture = comps.registry.get("architecture", spec.model.architecture)
     model = architecture.factory(spec.model, loss.init_temperature, loss.init_bias)
     if comps.aux_terms:  # their modules train with the towers: FLOPs and parameters count them
-        from flax.core import FrozenDict
-
-        model = model.clone(aux=FrozenDict({t.name: t.module for t in comps.aux_terms}))
+        model = comps.with_aux_terms(model)
     v, t = spec.model.vision, spec.model.text
     images = jax.ShapeDtypeStruct((FLOPS_BATCH, v.image_size, v.image_size, 3), jnp.float32)
     tokens = jax.ShapeDtypeStruct((FLOPS_BATCH, t.context_length), jnp.int32)
