@@ -266,7 +266,7 @@ def test_the_terminal_apps_editor_keeps_the_term_tables(tmp_path):
     from textual.widgets import Input
 
     from clipctl.app import ClipctlApp
-    from tests.test_tui import SIZE, show_section, type_into
+    from tests.tui_support import SIZE, show_section, type_into
 
     template = QUICKSTART.parent / "siglip2-tiny.toml"
     saved = tmp_path / "mine.toml"

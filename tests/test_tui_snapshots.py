@@ -10,10 +10,9 @@ import pytest
 
 from clipctl.app import ClipctlApp
 from clipctl.screens.launch import LaunchScreen
-from tests.conftest import QUICKSTART
+from tests.tui_support import SIZE, launch_screen, show_section, type_into
 
 DATA = Path(__file__).parent / "snapshot_data"
-SIZE = (80, 24)
 
 
 @pytest.fixture
@@ -34,13 +33,8 @@ def test_editor_screen_with_an_invalid_value(snap_compare, app):
     async def edit(pilot):
         await pilot.press("enter")
         editor = pilot.app.screen
-        sections = editor.query_one("#sections")
-        sections.highlighted = [o.id for o in sections.options].index("train")
-        await pilot.pause()
-        field = editor.query_one("#field-train--steps")
-        field.focus()
-        field.value = "-5"
-        await pilot.pause()
+        await show_section(pilot, editor, "train")
+        await type_into(pilot, editor, "train.steps", "-5")
 
     assert snap_compare(app, terminal_size=SIZE, run_before=edit)
 
@@ -50,15 +44,8 @@ def test_launch_screen(snap_compare, app, monkeypatch):
     monkeypatch.setattr(LaunchScreen, "estimate_memory", lambda self: None)
 
     async def open_launch(pilot):
-        from clip_jax.spec import to_dict, validate
-        from clipctl.spec_edit import as_dict, load_document
-
-        original = as_dict(load_document(QUICKSTART))
         edited = DATA / "edited.toml"
-        resolved = to_dict(validate(as_dict(load_document(edited))))
-        pilot.app.push_screen(
-            LaunchScreen(edited.relative_to(DATA.parent.parent), original, resolved)
-        )
+        pilot.app.push_screen(launch_screen(edited, edited.relative_to(DATA.parent.parent)))
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=SIZE, run_before=open_launch)
