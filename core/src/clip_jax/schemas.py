@@ -54,8 +54,8 @@ class TowerOptions(Options):
     )
     attention: Literal["xla", "cudnn"] = Field(
         "xla",
-        description="cudnn: fused (flash) attention on NVIDIA GPUs, in bfloat16; xla: "
-        "runs anywhere",
+        description="cudnn: fused (flash) attention on NVIDIA GPUs, in bfloat16, any "
+        "sequence length; xla: runs anywhere",
     )
     remat: Remat = Field("none", description="recompute activations in the backward pass")
     scan_layers: bool = Field(False, description="one traced block: compile time flat in depth")

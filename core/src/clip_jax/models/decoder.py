@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax.models.attention import AttentionMask
 from clip_jax.models.layers import Attention, BlockConfig, Mlp, dense_init, make_norm, zeros
 
 
@@ -31,18 +32,16 @@ class DecoderBlock(nn.Module):
     def __call__(
         self,
         x_BxLxD: jax.Array,
-        mask_Bx1xLxL: jax.Array,
+        mask: AttentionMask,
         image_BxNxD: jax.Array,
-        image_mask_Bx1x1xN: jax.Array | None = None,
+        image_mask: AttentionMask | None = None,
     ) -> jax.Array:
         drop = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
         h = make_norm(self.cfg, "ln_1")(x_BxLxD)
-        x_BxLxD = x_BxLxD + drop(Attention(self.cfg, name="self_attn")(h, mask_Bx1xLxL))
+        x_BxLxD = x_BxLxD + drop(Attention(self.cfg, name="self_attn")(h, mask))
         h = make_norm(self.cfg, "ln_2")(x_BxLxD)
         cross = dataclasses.replace(self.cfg, rotary=False)
-        x_BxLxD = x_BxLxD + drop(
-            Attention(cross, name="cross_attn")(h, image_mask_Bx1x1xN, image_BxNxD)
-        )
+        x_BxLxD = x_BxLxD + drop(Attention(cross, name="cross_attn")(h, image_mask, image_BxNxD))
         h = make_norm(self.cfg, "ln_3")(x_BxLxD)
         return x_BxLxD + drop(Mlp(self.cfg, name="mlp")(h))
 
@@ -81,7 +80,7 @@ class CaptionDecoder(nn.Module):
             parallel_B = jnp.zeros((batch,), jnp.bool_)
         inputs_BxL = jnp.where(parallel_B[:, None], self.mask_id, inputs_BxL)
         # Parallel examples see every (mask) position; the others only the past.
-        mask_Bx1xLxL = (causal_LxL[None] | parallel_B[:, None, None])[:, None]
+        mask = AttentionMask(pattern_BxLxS=causal_LxL[None] | parallel_B[:, None, None])
         x_BxLxD = nn.Embed(
             self.vocab_size,
             self.width,
@@ -99,10 +98,10 @@ class CaptionDecoder(nn.Module):
             cfg.param_dtype,
         )
         x_BxLxD = x_BxLxD + pos_LxD[:length].astype(cfg.dtype)
-        image_mask = None if image_valid_BxN is None else image_valid_BxN[:, None, None, :]
+        image_mask = AttentionMask(valid_BxS=image_valid_BxN)
         for i in range(self.depth):
             x_BxLxD = DecoderBlock(cfg, not train, name=f"block_{i}")(
-                x_BxLxD, mask_Bx1xLxL, image_BxNxD, image_mask
+                x_BxLxD, mask, image_BxNxD, image_mask
             )
         x_BxLxD = make_norm(cfg, "ln_final")(x_BxLxD)
         logits = nn.Dense(

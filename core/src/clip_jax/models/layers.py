@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax.models.attention import AttentionMask, dense_mask, fused_attention
 from clip_jax.models.matmul import dot_general_for
 from clip_jax.sharding import active_mesh
 
@@ -137,17 +138,18 @@ def rotate(x_BxLxHxK: jax.Array, base: float = 10_000.0) -> jax.Array:
     return out.astype(x_BxLxHxK.dtype)
 
 
-def attend(cfg: BlockConfig, q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask) -> jax.Array:
+def attend(cfg: BlockConfig, q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask: AttentionMask | None):
     """Scaled dot-product attention. cuDNN's fused kernel takes 16-bit inputs only, so
     with activations in float32 (bf16 products) its inputs are cast and its output
     cast back."""
     if cfg.attention != "cudnn":
-        return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask)
+        length, keys = q_BxLxHxK.shape[1], k_BxSxHxK.shape[1]
+        dense = dense_mask(mask, length, keys)
+        return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=dense)
     dtype = q_BxLxHxK.dtype
     low = cfg.matmul_dtype if jnp.dtype(dtype) == jnp.float32 else dtype
     q, k, v = (t.astype(low or jnp.bfloat16) for t in (q_BxLxHxK, k_BxSxHxK, v_BxSxHxK))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
-    return out.astype(dtype)
+    return fused_attention(q, k, v, mask).astype(dtype)
 
 
 class Attention(nn.Module):
@@ -157,7 +159,7 @@ class Attention(nn.Module):
     def __call__(
         self,
         x_BxLxD: jax.Array,
-        mask: jax.Array | None,
+        mask: AttentionMask | None,
         kv_BxSxD: jax.Array | None = None,
     ) -> jax.Array:
         """Self-attention, or cross-attention from ``x`` to ``kv`` when it is given."""
@@ -242,7 +244,7 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, mask: AttentionMask | None) -> jax.Array:
         drop = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
         h = make_norm(self.cfg, "ln_1")(x_BxLxD)
         x_BxLxD = x_BxLxD + drop(Attention(self.cfg, name="attn")(h, mask))
@@ -265,7 +267,7 @@ class MapHead(nn.Module):
             self.cfg.param_dtype,
         )
         probe_Bx1xD = jnp.broadcast_to(probe_1x1xD.astype(self.cfg.dtype), (batch, 1, width))
-        mask = None if valid_BxN is None else valid_BxN[:, None, None, :]
+        mask = AttentionMask(valid_BxS=valid_BxN)
         # The probe has no position: no rotary here, whatever the tower's blocks use.
         cross = dataclasses.replace(self.cfg, rotary=False)
         x_Bx1xD = Attention(cross, name="attn")(probe_Bx1xD, mask, x_BxNxD)
@@ -286,7 +288,7 @@ class ScannedBlock(Block):
     """A Block in the (carry, output) form ``nn.scan`` expects."""
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, mask: jax.Array | None):
+    def __call__(self, x_BxLxD: jax.Array, mask: AttentionMask | None):
         x_BxLxD = super().__call__(x_BxLxD, mask)
         return constrain(x_BxLxD, ("batch", None, None)), None
 
@@ -305,7 +307,7 @@ class Encoder(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, mask: AttentionMask | None = None) -> jax.Array:
         if self.scan:
             block = ScannedBlock
             if self.remat != "none":

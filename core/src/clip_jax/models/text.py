@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax.models.attention import AttentionMask
 from clip_jax.models.layers import DTYPES, MapHead, block_config, make_norm, tower_encoder
 from clip_jax.schemas import TextOptions
 
@@ -52,13 +53,11 @@ class TextTower(nn.Module):
         else:
             valid_BxL = tokens_BxL != o.pad_id
         if o.causal:
-            mask = nn.make_causal_mask(tokens_BxL, dtype=jnp.bool_)
+            mask = AttentionMask(causal=True)
         elif o.pad_id is None:
             mask = None
         else:
-            mask = jnp.broadcast_to(
-                valid_BxL[:, None, None, :], (len(tokens_BxL), 1, length, length)
-            )
+            mask = AttentionMask(valid_BxS=valid_BxL)
         x_BxLxD = tower_encoder(o, cfg, deterministic=not train)(x_BxLxD, mask)
         x_BxLxD = make_norm(cfg, "ln_final")(x_BxLxD)
         if o.pool == "eos":

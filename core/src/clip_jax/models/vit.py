@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clip_jax.models.attention import AttentionMask
 from clip_jax.models.layers import DTYPES, MapHead, block_config, make_norm, tower_encoder
 from clip_jax.models.matmul import patch_conv_for
 from clip_jax.models.naflex import NaflexImages, as_patch_row, resample_positions
@@ -137,7 +138,7 @@ class VisionTower(nn.Module):
         if naflex:  # padding patches are never read; the other tokens always are
             ones = lambda n: jnp.ones((batch, n), jnp.bool_)
             valid_BxN = jnp.concatenate([ones(first), images.valid_BxN, ones(o.registers)], 1)
-        mask = None if valid_BxN is None else valid_BxN[:, None, None, :]
+        mask = None if valid_BxN is None else AttentionMask(valid_BxS=valid_BxN)
         x_BxNxD = tower_encoder(o, cfg, deterministic=not train)(x_BxNxD, mask)
         if o.registers:
             x_BxNxD = x_BxNxD[:, : -o.registers]
