@@ -8,6 +8,10 @@
 # PYTHONPATH=core/src); TensorFlow is not needed.
 #
 #   bash bench/gpu_clip_b16.sh [batch]        # default 256; figures also in $OUT_DIR/*.txt
+#
+# Each setting also traces 3 steps (jax.profiler) into $OUT_DIR/trace-*: the summary of
+# where the device's time went is printed, and `python bench/profile_summary.py DIR`
+# reads a trace again on any machine (set OUT_DIR=$OUT on the device machine to keep them).
 set -u
 batch=${1:-256}
 out_dir=${OUT_DIR:-/tmp/gpu_clip_b16}
@@ -19,8 +23,9 @@ run() {
   echo "== $name (batch $size)"
   # shellcheck disable=SC2086  # the settings are words
   timeout "${LIMIT:-300}" python3 bench/train_throughput.py model.preset=clip-b16 \
-    "train.batch_size=$size" "$@" --no-run --steps 5 2>&1 | tee "$out_dir/$name-$size.txt" |
-    grep -E "device:|train step|model FLOPs|peak|Error|error" || echo "failed: $name"
+    "train.batch_size=$size" "$@" --no-run --steps 5 --profile "$out_dir/trace-$name-$size" 2>&1 |
+    tee "$out_dir/$name-$size.txt" |
+    grep -E "device:|train step|model FLOPs|peak|profile|^  |Error|error" || echo "failed: $name"
 }
 cudnn="model.vision.attention=cudnn model.text.attention=cudnn"
 # shellcheck disable=SC2086

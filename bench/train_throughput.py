@@ -1,7 +1,7 @@
 """How fast a spec trains, and how close that is to what the hardware can do.
 
     uv run python bench/train_throughput.py [SPEC] [key.path=value ...]
-        [--steps 20] [--run-steps 60] [--no-run] [--json]
+        [--steps 20] [--run-steps 60] [--no-run] [--profile DIR] [--json]
 
 Prints, for the spec's compiled train step fed one fixed batch: images/s, the model's
 training FLOPs per step (XLA's count of the lowered step without remat, i.e. model
@@ -11,7 +11,9 @@ tower multiplies in bfloat16, else f32 x f32): on an accelerator that ratio is t
 MFU. Then, unless ``--no-run``, a short real run of the trainer on the spec's data
 (in a temporary folder) and where its time went, from the trainer's own metrics.
 It asserts nothing; the step benchmark needs no TensorFlow, so it runs as is on a GPU
-machine. ``--json`` prints one JSON object instead.
+machine. ``--profile DIR`` also traces a few steps with ``jax.profiler`` into DIR and
+prints where their time went (``bench/profile_summary.py``, which reads the trace again
+anywhere). ``--json`` prints one JSON object instead.
 """
 
 from __future__ import annotations
@@ -40,8 +42,13 @@ from clip_jax.host_memory import huge_pages_on  # noqa: E402
 from clip_jax.spec import load_spec  # noqa: E402
 from clip_jax.train.state import create_state, make_train_step, state_shardings  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_summary import show as show_profile  # noqa: E402
+from profile_summary import summarize  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_FLOPS_OVERRIDES = ("remat", "scan_layers")  # reset per tower when counting model FLOPs
+PROFILED_STEPS = 3
 
 
 def matmul_peak(dtype: str, repeats: int = 5) -> float:
@@ -116,7 +123,9 @@ def _flops(cost) -> float:
     return float(cost.get("flops", 0.0))
 
 
-def step_benchmark(spec_path: str, overrides: list[str], steps: int) -> dict:
+def step_benchmark(
+    spec_path: str, overrides: list[str], steps: int, profile: Path | None = None
+) -> dict:
     comps = components(load_spec(spec_path, overrides))
     comps.check()  # e.g. cuDNN attention on a machine without a GPU: a clear message
     batch = comps.spec.train.batch_size
@@ -134,6 +143,8 @@ def step_benchmark(spec_path: str, overrides: list[str], steps: int) -> dict:
             state, metrics = step(state, images, tokens)
         jax.block_until_ready(metrics)
         best = min(best, (time.perf_counter() - start) / steps)
+    if profile is not None:
+        state = traced(step, state, (images, tokens), profile)
     del state
     return {
         "batch_size": batch,
@@ -142,6 +153,19 @@ def step_benchmark(spec_path: str, overrides: list[str], steps: int) -> dict:
         "compile_s": compile_s,
         "product_dtype": product_dtype(comps.spec),
     }
+
+
+def traced(step, state, batch: tuple, folder: Path):
+    """A few steps under jax.profiler; the state they leave. A profiler that cannot
+    start (e.g. no CUPTI on a GPU machine) is reported and the benchmark's figures stand."""
+    try:
+        with jax.profiler.trace(str(folder), create_perfetto_trace=True):
+            for _ in range(PROFILED_STEPS):
+                state, metrics = step(state, *batch)
+            jax.block_until_ready(metrics)
+    except Exception as error:  # noqa: BLE001 - the profile is an extra
+        print(f"profile: not taken ({error})", file=sys.stderr, flush=True)
+    return state
 
 
 def real_run(spec_path: str, overrides: list[str], steps: int) -> dict:
@@ -188,6 +212,7 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--run-steps", type=int, default=60, help="steps of the real run")
     parser.add_argument("--no-run", action="store_true", help="skip the real run")
+    parser.add_argument("--profile", type=Path, help="trace a few steps into this folder")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if "=" in args.spec:  # overrides only: the quickstart
@@ -201,7 +226,7 @@ def main(argv: list[str]) -> dict:
         "overrides": args.overrides,
         "host_huge_pages": huge_pages_on(),
     }
-    step = step_benchmark(args.spec, args.overrides, args.steps)
+    step = step_benchmark(args.spec, args.overrides, args.steps, args.profile)
     flops = model_flops(args.spec, args.overrides)
     peak = matmul_peak(step["product_dtype"]) * jax.device_count()
     achieved = flops / step["step_s"]
@@ -211,12 +236,19 @@ def main(argv: list[str]) -> dict:
         "matmul_peak_flops_per_s": peak,
         "fraction_of_peak": achieved / peak,
     }
+    if args.profile is not None:
+        try:
+            result["profile"] = summarize(args.profile, PROFILED_STEPS)
+        except SystemExit as error:  # no trace was written
+            print(f"profile: {error}", file=sys.stderr)
     if not args.no_run:
         result["run"] = real_run(args.spec, args.overrides, args.run_steps)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         show(result)
+        if "profile" in result:
+            show_profile(result["profile"])
     return result
 
 
