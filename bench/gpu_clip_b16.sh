@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The clip-b16 train step on one GPU (issue 11, item 6): images/s and MFU for each
 # precision and attention setting worth comparing, one process per setting so that each
-# starts with the whole device (about 3 minutes each on an H200, most of it compiling).
+# starts with the whole device (about 1.5-3 minutes each on an H200, most of it
+# compiling; BUDGET seconds in all, 480 by default, skips what would not fit).
 # The settings run most telling first, so that a short device lease still compares
 # cuDNN's fused attention with XLA's; ALL=1 adds the CPU's fast setting for reference.
 # Needs jax with its CUDA plugin and clip_jax importable (installed, or
@@ -17,9 +18,15 @@ batch=${1:-256}
 out_dir=${OUT_DIR:-/tmp/gpu_clip_b16}
 mkdir -p "$out_dir"
 bf16="model.vision.dtype=bfloat16 model.text.dtype=bfloat16"
+budget=${BUDGET:-480} # seconds for all settings: a device lease is short
+start=$SECONDS
 run() {
   local name=$1 size=$2
   shift 2
+  if ((SECONDS - start + 150 > budget)); then
+    echo "== $name (batch $size): skipped, under 150 s of BUDGET=$budget left"
+    return
+  fi
   echo "== $name (batch $size)"
   # shellcheck disable=SC2086  # the settings are words
   timeout "${LIMIT:-300}" python3 bench/train_throughput.py model.preset=clip-b16 \
