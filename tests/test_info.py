@@ -241,3 +241,19 @@ def test_a_naflex_runs_estimate_compiles_its_patch_sequences():
     per_image = (64 * 8 * 8 * 3 * 4 + 2 * 4 + 64) - 32 * 32 * 3 * 4
     gap = flex.estimate("dp", 64).arguments - square.estimate("dp", 64).arguments
     assert gap == 64 * per_image
+
+
+@pytest.mark.slow
+def test_a_gpu_runs_cudnn_attention_is_sized_here_with_xlas():
+    """Sizing a GPU run on a laptop: the fused kernel cannot compile here, so the estimate
+    uses XLA's attention and says so (its memory is an upper bound)."""
+    gpu_run = [*SMALL_RUN, "model.text.attention=cudnn", "model.text.dtype=bfloat16"]
+    result = CliRunner().invoke(cli, ["info", str(QUICKSTART), *gpu_run, "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.output)
+    assert facts["xla_attention_for"] == ["model.text.attention"]
+    plain = model_info(load_spec(QUICKSTART, [*SMALL_RUN, "model.text.dtype=bfloat16"]))
+    assert facts["train_flops_per_pair"] == plain["train_flops_per_pair"]
+    assert "model.text.attention = 'cudnn' estimated with XLA's" in facts["memory"]["note"]
+    shown = CliRunner().invoke(cli, ["info", str(QUICKSTART), *gpu_run, "--no-memory"])
+    assert "model.text.attention = 'cudnn' counted with XLA's attention" in shown.output

@@ -73,6 +73,9 @@ def _print_facts(facts: dict[str, Any], strategy: str) -> None:
     ]
     for label, value in rows:
         click.echo(f"{label:<22} {value}")
+    if "xla_attention_for" in facts and "memory" not in facts:  # else the report says so
+        keys = ", ".join(facts["xla_attention_for"])
+        click.echo(f"* {keys} = 'cudnn' counted with XLA's attention (no GPU here)")
     if "memory" in facts:
         from clip_jax.fits import format_report
 

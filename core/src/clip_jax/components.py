@@ -139,10 +139,7 @@ class Components:
             param_groups.check(options, param_shapes(self.model, self.spec))
 
     def _check_attention(self) -> None:
-        towers = [t for t in ("vision", "text") if hasattr(self.spec.model, t)]
-        fused = [
-            t for t in towers if getattr(getattr(self.spec.model, t), "attention", "") == "cudnn"
-        ]
+        fused = fused_attention_towers(self.spec)
         if not fused:
             return
         import jax
@@ -181,3 +178,26 @@ class Components:
 
 def components(spec: RunSpec, registry: Registry | None = None) -> Components:
     return Components(spec, registry or get_registry())
+
+
+def fused_attention_towers(spec: RunSpec) -> list[str]:
+    """The towers whose attention is cuDNN's fused kernel."""
+    towers = [t for t in ("vision", "text") if hasattr(spec.model, t)]
+    return [t for t in towers if getattr(getattr(spec.model, t), "attention", "") == "cudnn"]
+
+
+def with_portable_attention(spec: RunSpec) -> tuple[RunSpec, list[str]]:
+    """The spec with XLA's attention where it names cuDNN's and this machine has no GPU,
+    and the keys changed: an estimate (FLOPs, memory) of a GPU run, made on a laptop,
+    compiles here. XLA's attention keeps the (L x L) scores that the fused kernel does
+    not, so its memory is an upper bound; its FLOPs are the same products."""
+    fused = fused_attention_towers(spec)
+    if not fused:
+        return spec, []
+    import jax
+
+    if jax.default_backend() == "gpu":
+        return spec, []
+    towers = {t: getattr(spec.model, t).model_copy(update={"attention": "xla"}) for t in fused}
+    model = spec.model.model_copy(update=towers)
+    return spec.model_copy(update={"model": model}), [f"model.{t}.attention" for t in fused]

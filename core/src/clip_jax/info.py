@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.components import components
+from clip_jax.components import components, with_portable_attention
 from clip_jax.errors import UserError
 from clip_jax.sharding import AXES, resolve_mesh_shape
 from clip_jax.spec import RunSpec
@@ -44,6 +44,7 @@ def _per_device_bytes(boxed: Any, rules: dict[str, Any], mesh: dict[str, int]) -
 
 def model_info(spec: RunSpec, devices: int | None = None) -> dict[str, Any]:
     """Parameter counts, training FLOPs per pair and per-device parameter bytes."""
+    spec, portable = with_portable_attention(spec)  # a GPU run sized without one
     comps = components(spec)
     # No mesh here: the spec may be sized for devices this machine does not have.
     if spec.loss.name == "chunked_sigmoid":  # equal in value and FLOPs, and needs no mesh
@@ -81,6 +82,7 @@ def model_info(spec: RunSpec, devices: int | None = None) -> dict[str, Any]:
         "mesh": mesh,
         "param_bytes_per_device": _per_device_bytes(boxed, rules, mesh),
         "param_bytes_total": int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))),
+        **({"xla_attention_for": portable} if portable else {}),
     }
 
 

@@ -31,6 +31,10 @@ FOOTNOTE = (
     "compiled by XLA for {devices} simulated CPU devices: an estimate for TPU/GPU, whose "
     "fusion, layouts and bf16 handling differ"
 )
+PORTABLE_ATTENTION = (
+    "{keys} = 'cudnn' estimated with XLA's attention (no GPU here), which keeps the "
+    "(L x L) scores that the fused kernel does not: the GPU's peak is lower"
+)
 
 
 # ------------------------------------------------------------------- estimates
@@ -76,16 +80,20 @@ class Estimator:
         self.devices = jax.devices()[:devices]
         self.platform = self.devices[0].platform
         self._base = None
+        self.portable: list[str] = []  # keys whose cuDNN attention is estimated with XLA's
         self._steps: dict[tuple[str, int], tuple] = {}
         self._estimates: dict[tuple[str, int, int], Estimate] = {}
 
     def spec(self, strategy: str | None = None, microbatches: int | None = None):
         """The spec, or its variant with another strategy / micro-batch count, as the
         overrides ``sharding.strategy=...`` and ``train.microbatches=...`` give it."""
+        from clip_jax.components import with_portable_attention
         from clip_jax.spec import load_spec
 
         if self._base is None:
-            self._base = load_spec(self.path, self.overrides)
+            self._base, self.portable = with_portable_attention(
+                load_spec(self.path, self.overrides)
+            )
         base, extra = self._base, []
         if strategy and strategy != base.sharding.strategy:
             extra.append(f"sharding.strategy={strategy}")
@@ -93,7 +101,9 @@ class Estimator:
             extra.append(f"train.microbatches={microbatches}")
             if base.train.batch_size % microbatches:  # the batch is the estimate's own
                 extra.append(f"train.batch_size={base.train.batch_size * microbatches}")
-        return load_spec(self.path, [*self.overrides, *extra]) if extra else base
+        if not extra:
+            return base
+        return with_portable_attention(load_spec(self.path, [*self.overrides, *extra]))[0]
 
     def _step(self, strategy: str, microbatches: int) -> tuple:
         key = (strategy, microbatches)
@@ -300,8 +310,17 @@ def _report(
         "max_batch": largest if search else None,
         "skipped": skipped,
         "compiles": estimator.compiles,
-        "note": FOOTNOTE.format(devices=devices) if estimator.platform == "cpu" else None,
+        "note": _note(estimator, devices),
     }
+
+
+def _note(estimator: Estimator, devices: int) -> str | None:
+    notes = []
+    if estimator.platform == "cpu":
+        notes.append(FOOTNOTE.format(devices=devices))
+    if estimator.portable:
+        notes.append(PORTABLE_ATTENTION.format(keys=", ".join(estimator.portable)))
+    return "; ".join(notes) or None
 
 
 # ---------------------------------------------------------------- subprocess
