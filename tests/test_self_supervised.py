@@ -1,7 +1,8 @@
 """SigLIP 2's last stage: self-distillation and masked prediction against an EMA teacher.
 
-Values and gradients against plain references written here, the views, the teacher's
-schedule, micro-batches, and (slow) a real run whose teacher resumes bit for bit."""
+Values and gradients against plain references written here (and the chunked reduction
+against the dense formulas it replaced), the views, the teacher's schedule, micro-batches,
+and (slow) a real run whose teacher resumes bit for bit."""
 
 import tomllib
 
@@ -12,13 +13,9 @@ import numpy as np
 import pytest
 
 from clip_jax.components import components
+from clip_jax.models.distillation import Projected, distillation_values, sinkhorn
 from clip_jax.models.naflex import patchify
-from clip_jax.models.self_supervised import (
-    distillation_values,
-    random_crops,
-    sinkhorn_targets,
-    square_patches,
-)
+from clip_jax.models.self_supervised import l2_normalize, random_crops, square_patches
 from clip_jax.spec import SpecError, to_toml, validate
 from clip_jax.train.teacher import TeacherSchedule, follow, teacher_of
 from tests.test_aux_terms import raw_spec
@@ -93,34 +90,114 @@ def reference_sinkhorn(logits, temperature, iterations=3):
     return q * rows
 
 
-def test_sinkhorn_targets_match_a_plain_reference_and_balance_the_prototypes():
-    logits = np.random.default_rng(0).uniform(-1, 1, size=(6, 4)).astype(np.float32)
-    targets = np.asarray(sinkhorn_targets(jnp.asarray(logits), 0.5))
-    np.testing.assert_allclose(
-        targets, reference_sinkhorn(logits.astype(np.float64), 0.5), rtol=1e-5
+def dense_sinkhorn_targets(logits_NxK, temperature, iterations=3):
+    """The targets as the terms first computed them: the whole (N, K) matrix at once."""
+    logits = jax.lax.stop_gradient(logits_NxK.astype(jnp.float32)) / temperature
+    q = jnp.exp(logits - jnp.max(logits))
+    rows, prototypes = q.shape
+    q = q / jnp.sum(q)
+    for _ in range(iterations):
+        q = q / jnp.maximum(jnp.sum(q, axis=0, keepdims=True), 1e-30) / prototypes
+        q = q / jnp.maximum(jnp.sum(q, axis=1, keepdims=True), 1e-30) / rows
+    return q * rows
+
+
+def dense_distillation_values(student_NxVxK, teacher_NxK, student_t, teacher_t):
+    """The terms' first reduction, on whole (N, V, K) and (N, K) logits."""
+    targets_NxK = dense_sinkhorn_targets(teacher_NxK, teacher_t)
+    log_p = jax.nn.log_softmax(student_NxVxK.astype(jnp.float32) / student_t, axis=-1)
+    cross_entropy = -jnp.sum(targets_NxK[:, None] * log_p, axis=-1)
+    agree = jnp.argmax(student_NxVxK, -1) == jnp.argmax(teacher_NxK, -1)[:, None]
+    return {"loss": jnp.mean(cross_entropy), "agreement": jnp.mean(agree.astype(jnp.float32))}
+
+
+def dense_values_of(student: Projected, teacher: Projected, student_t=0.1, teacher_t=0.05):
+    """``dense_distillation_values`` on the logits the factored outputs stand for."""
+    batch, rows, _ = teacher.features_BxRxE.shape
+    teacher_NxK = (teacher.features_BxRxE @ teacher.prototypes_KxE.T).reshape(batch * rows, -1)
+    student_NxVxK = (student.features_BxRxE @ student.prototypes_KxE.T).reshape(
+        batch * rows, -1, teacher_NxK.shape[-1]
     )
+    return dense_distillation_values(student_NxVxK, teacher_NxK, student_t, teacher_t)
+
+
+def unit(rng, *shape):
+    return l2_normalize(jnp.asarray(rng.normal(size=shape), jnp.float32))
+
+
+def test_sinkhorn_targets_match_a_plain_reference_and_balance_the_prototypes():
+    rng = np.random.default_rng(0)
+    teacher = Projected(unit(rng, 2, 3, 5), unit(rng, 4, 5))  # 6 rows, 4 prototypes
+    plan = sinkhorn(teacher, 0.5, chunk=2)  # 2 + 1 rows of each example
+    logits = teacher.features_BxRxE @ teacher.prototypes_KxE.T
+    targets = np.asarray(plan.targets(logits, plan.u_BxR, 0.5)).reshape(6, 4)
+    expected = reference_sinkhorn(np.asarray(logits, np.float64).reshape(6, 4), 0.5)
+    np.testing.assert_allclose(targets, expected, rtol=1e-5)
     np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-5)  # each row a distribution
     np.testing.assert_allclose(targets.sum(axis=0), 6 / 4, rtol=0.05)  # prototypes shared out
 
 
 def test_distillation_value_and_gradient_match_a_plain_reference():
     rng = np.random.default_rng(1)
-    student = rng.uniform(-1, 1, size=(3, 2, 5)).astype(np.float32)  # 2 views per image
-    teacher = rng.uniform(-1, 1, size=(3, 5)).astype(np.float32)
+    student_features = unit(rng, 3, 2, 5)  # 2 views per image
+    prototypes = unit(rng, 7, 5)
+    teacher = Projected(unit(rng, 3, 1, 5), unit(rng, 7, 5))
     t_s, t_t = 0.1, 0.05
 
-    def value(s):
-        return distillation_values(s, jnp.asarray(teacher), t_s, t_t)["loss"]
+    def value(features):
+        return distillation_values(Projected(features, prototypes), teacher, t_s, t_t)["loss"]
 
-    loss, grad = jax.jit(jax.value_and_grad(value))(jnp.asarray(student))
-    q = reference_sinkhorn(teacher.astype(np.float64), t_t)
-    z = student.astype(np.float64) / t_s
+    loss, grad = jax.jit(jax.value_and_grad(value))(student_features)
+    teacher_logits = teacher.features_BxRxE[:, 0] @ teacher.prototypes_KxE.T
+    q = reference_sinkhorn(np.asarray(teacher_logits, np.float64), t_t)
+    logits = np.asarray(student_features @ prototypes.T, np.float64)
+    z = logits / t_s
     log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
     expected = -(q[:, None] * log_p).sum(-1).mean()
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
-    # d/dz of -sum(q log softmax z) = softmax(z) - q, averaged over 3 x 2 rows, / t_s
-    expected_grad = (np.exp(log_p) - q[:, None]) / 6 / t_s
+    # d/dz of -sum(q log softmax z) = softmax(z) - q, averaged over 3 x 2 rows, / t_s,
+    # and back through logits = features @ prototypes.T
+    expected_grad = (np.exp(log_p) - q[:, None]) / 6 / t_s @ np.asarray(prototypes, np.float64)
     np.testing.assert_allclose(grad, expected_grad, atol=1e-5)
+
+
+# Each term's shapes: (batch, teacher rows per example, student rows per teacher row).
+SHAPES = {"self_distillation": (3, 1, 5), "masked_prediction": (3, 7, 1)}
+
+
+@pytest.mark.parametrize("term", SHAPES)
+@pytest.mark.parametrize("chunk", [2, None])  # 2: a shorter last chunk; None: the default
+def test_the_chunked_reduction_equals_the_dense_one_in_value_and_gradient(term, chunk):
+    """The student's raw head outputs (before L2 normalisation) stand in for its
+    parameters: the value, agreement and gradients equal the dense formulas' to float32
+    rounding, with a row count that the chunk does not divide."""
+    batch, rows, views = SHAPES[term]
+    rng = np.random.default_rng(5)
+    raw = (
+        jnp.asarray(rng.normal(size=(batch, rows * views, 8)), jnp.float32),
+        jnp.asarray(rng.normal(size=(11, 8)), jnp.float32),
+    )
+    teacher = Projected(unit(rng, batch, rows, 8), unit(rng, 11, 8))
+
+    def chunked(features, prototypes):
+        student = Projected(l2_normalize(features), l2_normalize(prototypes))
+        values = distillation_values(student, teacher, 0.1, 0.05, chunk=chunk)
+        return values["loss"], values
+
+    def dense(features, prototypes):
+        values = dense_values_of(
+            Projected(l2_normalize(features), l2_normalize(prototypes)), teacher
+        )
+        return values["loss"], values
+
+    grad_of = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))  # noqa: E731
+    (_, values), grads = grad_of(chunked)(*raw)
+    (_, expected), expected_grads = grad_of(dense)(*raw)
+    np.testing.assert_allclose(values["loss"], expected["loss"], rtol=1e-5)
+    assert float(values["agreement"]) == float(expected["agreement"])
+    for grad, reference in zip(grads, expected_grads, strict=True):
+        scale = float(jnp.abs(reference).max())
+        np.testing.assert_allclose(grad / scale, reference / scale, atol=1e-5)
 
 
 # --------------------------------------------------------------------- views
@@ -231,19 +308,27 @@ def test_after_the_start_the_total_adds_each_weighted_term_computed_by_hand(taug
     )
     img, txt, log_scale, bias, outputs = out
     contrastive = comps.loss.fn(img, txt, log_scale, bias)
-    sd = outputs["self_distillation"]  # student (B, 2 views, K), teacher (B, K)
-    assert sd["student"].shape == (8, 2, 32) and sd["teacher"].shape == (8, 32)
-    mp = outputs["masked_prediction"]  # 8 of 16 patches masked: (B, 8, K) each
-    assert mp["student"].shape == mp["teacher"].shape == (8, 8, 32)
+    # The heads' outputs stay factored: features by example (E = 16), prototypes (K = 32)
+    # as one row.
+    sd = outputs["self_distillation"]  # student (B, 2 views, E), teacher (B, 1, E)
+    assert sd["student"].shape == (8, 2, 16) and sd["teacher"].shape == (8, 1, 16)
+    assert sd["student_prototypes"].shape == sd["teacher_prototypes"].shape == (1, 32, 16)
+    mp = outputs["masked_prediction"]  # 8 of 16 patches masked: (B, 8, E) each
+    assert mp["student"].shape == mp["teacher"].shape == (8, 8, 16)
 
-    def hand(student, teacher):  # the same cross-entropy, written out with numpy
-        q = reference_sinkhorn(np.asarray(teacher, np.float64), 0.05)
-        z = np.asarray(student, np.float64) / 0.1
+    def hand(outputs, rows, views):  # the same cross-entropy, written out with numpy
+        logits = {
+            role: np.asarray(outputs[role], np.float64)
+            @ np.asarray(outputs[f"{role}_prototypes"][0], np.float64).T
+            for role in ("student", "teacher")
+        }
+        q = reference_sinkhorn(logits["teacher"].reshape(rows, 32), 0.05)
+        z = logits["student"].reshape(rows, views, 32) / 0.1
         log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
         return -(q[:, None] * log_p).sum(-1).mean()
 
-    distill = hand(sd["student"], sd["teacher"])
-    masked = hand(mp["student"].reshape(64, 1, 32), mp["teacher"].reshape(64, 32))
+    distill = hand(sd, 8, 2)
+    masked = hand(mp, 64, 1)
     np.testing.assert_allclose(metrics["loss/self_distillation"], distill, rtol=1e-4)
     np.testing.assert_allclose(metrics["loss/masked_prediction"], masked, rtol=1e-4)
     np.testing.assert_allclose(loss, contrastive + distill + 0.25 * masked, rtol=1e-4)

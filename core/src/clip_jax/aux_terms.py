@@ -26,7 +26,8 @@ micro-batches are put together.
 ``self_distillation`` and ``masked_prediction`` (``TeacherTermOptions``) learn from an
 EMA teacher of the image tower kept in the train state (``clip_jax.train.teacher``);
 their modules read the image tower itself and the teacher's targets
-(``clip_jax.models.self_supervised``), and reduce their outputs over the whole batch.
+(``clip_jax.models.self_supervised``), and reduce their outputs over the whole batch,
+forming their (rows, ``prototypes``) logits a chunk of rows at a time.
 
 This module stays free of jax: validating a spec never imports it.
 """
@@ -122,7 +123,9 @@ class AuxTerm:
 
     ``reduce``: the module's per-example outputs of the whole batch -> ``{"loss": scalar,
     ...metrics}``; None means the batch mean of each output. A term whose loss couples
-    examples (Sinkhorn-Knopp targets) reduces here, after micro-batches are merged.
+    examples (Sinkhorn-Knopp targets) reduces here, after micro-batches are merged. An
+    output that every example shares (a head's prototypes) can travel as one row, shape
+    (1, ...): micro-batches stack one equal copy each, and ``reduce`` reads the first.
     ``teacher``: the term learns from the EMA teacher (``TeacherTermOptions``) from
     ``start_step`` on: its module is called as ``(run_tower, images, targets,
     view_keys_B, train)`` and has ``targets(teacher_outputs, view_keys_B)``

@@ -17,7 +17,11 @@ bottleneck, cosine similarity to learned prototypes): the teacher's head is the 
 the student's. The teacher's outputs are turned into targets by Sinkhorn-Knopp over the
 whole batch (DINOv2), which keeps them from collapsing without any running state; that
 couples the batch, so the terms reduce their outputs themselves (``AuxTerm.reduce``),
-after ``train.microbatches`` puts the batch back together.
+after ``train.microbatches`` puts the batch back together. The heads' outputs stay
+factored (features and prototypes, ``Projected``): the reduction forms the (rows, K)
+logits a chunk of rows at a time, in passes for Sinkhorn-Knopp and under
+``jax.checkpoint`` for the student's cross-entropy, so its memory does not grow with the
+batch's rows x K (``clip_jax.models.distillation``).
 
 The heads exist from the first step (the state's shape never changes) and receive
 gradients only once their term is on (the steps before are compiled without the terms,
@@ -35,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.aux_terms import AuxTerm, MaskedPredictionOptions, SelfDistillationOptions
+from clip_jax.models.distillation import Projected, distillation_values
 from clip_jax.models.layers import dense_init, zeros
 from clip_jax.models.naflex import NaflexImages
 
@@ -124,15 +129,16 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 
 class ProjectionHead(nn.Module):
-    """DINO's head: MLP -> L2-normalised bottleneck -> cosine to ``prototypes`` unit
-    vectors (weight-normalised last layer). Outputs lie in [-1, 1]."""
+    """DINO's head: MLP -> L2-normalised bottleneck, compared by cosine to ``prototypes``
+    unit vectors (weight-normalised last layer). Returns both factors of the logits
+    (which lie in [-1, 1]), with the features over the input's leading axes."""
 
     hidden: int
     bottleneck: int
     prototypes: int
 
     @nn.compact
-    def __call__(self, x_NxD: jax.Array) -> jax.Array:
+    def __call__(self, x_NxD: jax.Array) -> Projected:
         norm_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
         x = nn.LayerNorm(scale_init=norm_init, bias_init=zeros(("embed",)), name="norm")(
             x_NxD.astype(jnp.float32)
@@ -151,33 +157,26 @@ class ProjectionHead(nn.Module):
             nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", None)),
             (self.prototypes, self.bottleneck),
         )
-        return l2_normalize(z) @ l2_normalize(prototypes_KxE).T
+        return Projected(l2_normalize(z), l2_normalize(prototypes_KxE))
 
 
-def sinkhorn_targets(logits_NxK: jax.Array, temperature: float, iterations: int = 3) -> jax.Array:
-    """Rows of target probabilities from the teacher's logits: sharpened by
-    ``temperature`` and balanced by Sinkhorn-Knopp so that every prototype gets an equal
-    share of the batch (DINOv2's centering; no state carried between steps)."""
-    logits = jax.lax.stop_gradient(logits_NxK.astype(jnp.float32)) / temperature
-    q = jnp.exp(logits - jnp.max(logits))
-    rows, prototypes = q.shape
-    q = q / jnp.sum(q)
-    for _ in range(iterations):
-        q = q / jnp.maximum(jnp.sum(q, axis=0, keepdims=True), 1e-30) / prototypes
-        q = q / jnp.maximum(jnp.sum(q, axis=1, keepdims=True), 1e-30) / rows
-    return q * rows
+def by_example(projected: Projected, batch: int) -> Projected:
+    """The features as (B, R, E): each example's rows together (image-major)."""
+    features = projected.features_BxRxE
+    return projected._replace(features_BxRxE=features.reshape(batch, -1, features.shape[-1]))
 
 
-def distillation_values(
-    student_NxVxK: jax.Array, teacher_NxK: jax.Array, student_t: float, teacher_t: float
-) -> dict[str, jax.Array]:
-    """Cross-entropy of each student row (V of them per teacher row) against the teacher
-    row's Sinkhorn-Knopp target, averaged; and how often their argmaxes agree."""
-    targets_NxK = sinkhorn_targets(teacher_NxK, teacher_t)
-    log_p = jax.nn.log_softmax(student_NxVxK.astype(jnp.float32) / student_t, axis=-1)
-    cross_entropy = -jnp.sum(targets_NxK[:, None] * log_p, axis=-1)
-    agree = jnp.argmax(student_NxVxK, -1) == jnp.argmax(teacher_NxK, -1)[:, None]
-    return {"loss": jnp.mean(cross_entropy), "agreement": jnp.mean(agree.astype(jnp.float32))}
+def _as_outputs(role: str, projected: Projected) -> dict[str, jax.Array]:
+    """A term's outputs for ``AuxTerm.reduce``: the features by example, and the
+    prototypes (the same for every example) as one (1, K, E) row, which
+    ``train.microbatches`` stacks, an equal copy per micro-batch (``_projected`` reads
+    the first: the gradient reaches the parameters through that micro-batch)."""
+    return {role: projected.features_BxRxE, f"{role}_prototypes": projected.prototypes_KxE[None]}
+
+
+def _projected(outputs: dict[str, jax.Array], role: str) -> Projected:
+    """The inverse of ``_as_outputs``, on the outputs of the whole batch."""
+    return Projected(outputs[role], outputs[f"{role}_prototypes"][0])
 
 
 class SelfDistillationTerm(nn.Module):
@@ -194,7 +193,8 @@ class SelfDistillationTerm(nn.Module):
         self.head = ProjectionHead(o.head_hidden, o.bottleneck, o.prototypes)
 
     def targets(self, teacher: TowerOutputs, view_keys_B: jax.Array) -> dict[str, jax.Array]:
-        return {"teacher": self.head(teacher.pooled_BxD)}
+        batch = teacher.pooled_BxD.shape[0]  # one row per image: (B, 1, E)
+        return _as_outputs("teacher", by_example(self.head(teacher.pooled_BxD), batch))
 
     def __call__(
         self,
@@ -208,8 +208,8 @@ class SelfDistillationTerm(nn.Module):
         keys_B = fold(view_keys_B, _LOCAL)
         crops = random_crops(images_BxHxWxC, keys_B, o.local_crops, self.local_size, o.local_scale)
         inputs = square_patches(crops, self.patch_size) if self.as_patches else crops
-        student = self.head(tower(inputs, train).pooled_BxD)
-        outputs = {"student": student.reshape(batch, o.local_crops, -1)}
+        student = by_example(self.head(tower(inputs, train).pooled_BxD), batch)  # (B, V, E)
+        outputs = _as_outputs("student", student)
         return outputs if targets is None else outputs | targets
 
 
@@ -247,7 +247,7 @@ class MaskedPredictionTerm(nn.Module):
 
     def targets(self, teacher: TowerOutputs, view_keys_B: jax.Array) -> dict[str, jax.Array]:
         index_BxM = self._masked(view_keys_B)
-        return {"teacher": self.head(self._pick(teacher.tokens_BxTxD, index_BxM))}
+        return _as_outputs("teacher", self.head(self._pick(teacher.tokens_BxTxD, index_BxM)))
 
     def __call__(
         self,
@@ -263,17 +263,17 @@ class MaskedPredictionTerm(nn.Module):
         mask_BxN = mask_BxN.at[jnp.arange(batch)[:, None], index_BxM].set(True)
         view = global_view(images_BxHxWxC, view_keys_B)
         tokens = tower(view, train, masked=(mask_BxN, self.mask_token)).tokens_BxTxD
-        outputs = {"student": self.head(self._pick(tokens, index_BxM))}
+        outputs = _as_outputs("student", self.head(self._pick(tokens, index_BxM)))
         return outputs if targets is None else outputs | targets
 
 
-def _reduce(options, outputs: dict) -> dict:
-    student, teacher = outputs["student"], outputs["teacher"]
-    if teacher.ndim == 3:  # masked prediction: (B, M, K), each masked patch its own row
-        student = student.reshape(-1, 1, student.shape[-1])
-        teacher = teacher.reshape(-1, teacher.shape[-1])
+def _reduce(options: Any, outputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The term's loss and agreement over the whole batch (Sinkhorn-Knopp couples it)."""
     return distillation_values(
-        student, teacher, options.student_temperature, options.teacher_temperature
+        _projected(outputs, "student"),
+        _projected(outputs, "teacher"),
+        options.student_temperature,
+        options.teacher_temperature,
     )
 
 
