@@ -323,3 +323,16 @@ def test_a_stop_swallowed_in_a_finaliser_prints_no_traceback():
     assert result.returncode == 0, result.stderr
     assert "KeyboardInterrupt" not in result.stderr
     assert "ValueError: still reported" in result.stderr
+
+
+@pytest.mark.slow
+def test_info_takes_a_templates_name_for_the_memory_estimate_too(tmp_path, monkeypatch):
+    """The parameter table and the memory estimate read the same spec: a template's name
+    (all a wheel install has) works for both."""
+    from tests.conftest import SMALL_RUN
+
+    monkeypatch.chdir(tmp_path)  # no file called "quickstart" here
+    result = CliRunner().invoke(cli, ["info", "quickstart", *SMALL_RUN, "--json"])
+    assert result.exit_code == 0, result.output
+    (estimate,) = json.loads(result.output)["memory"]["estimates"]
+    assert estimate["peak"] > 0

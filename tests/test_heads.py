@@ -89,6 +89,9 @@ def test_image_classification_beats_the_zero_shot_of_the_run_it_starts_from(
         if not name.startswith("vision/"):
             np.testing.assert_array_equal(value, after[name], err_msg=name)
     assert any(not np.array_equal(before[n], after[n]) for n in before if n.startswith("vision/"))
+    # a step that was never saved (`clipctl eval/export --step 7`): the saved ones listed
+    with pytest.raises(UserError, match=r"has no checkpoint at step 7 \(saved: 30\)"):
+        params_of_run(folder.path, step=7)
 
 
 @pytest.mark.slow

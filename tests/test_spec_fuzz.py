@@ -275,7 +275,10 @@ def test_every_template_is_valid_through_both_commands(name, tmp_path):
 def test_the_run_path_reaches_the_trainer_only_when_valid(tmp_path, stand_in_trainer):
     # the stand-in is what makes the tests above stop before training: prove it is used
     spec_file = write(str(tmp_path), tomllib.loads(TEMPLATES["quickstart"]))
-    assert invoke("run", str(spec_file)).exit_code == 0
+    # its own run folder: a finished runs/quickstart in the working directory (the
+    # README's first command) would make `run` say "already finished" and stop there
+    fresh = f"run.output_dir={tmp_path / 'run'}"
+    assert invoke("run", str(spec_file), fresh).exit_code == 0
     assert len(stand_in_trainer) == 1
     assert invoke("run", str(spec_file), "train.steps=0").exit_code == 2
     assert len(stand_in_trainer) == 1

@@ -15,7 +15,7 @@ import click
 
 from clip_jax.errors import UserError
 from clipctl.errors import CommandFailed
-from clipctl.spec_args import load, overrides_argument, spec_argument
+from clipctl.spec_args import load, overrides_argument, resolve_spec, spec_argument
 
 
 @click.command()
@@ -47,7 +47,8 @@ def info(spec: str, overrides: tuple[str, ...], **options: Any) -> None:
     facts = model_info(resolved, options["devices"])
     if memory is not None:
         try:
-            facts["memory"] = _memory_report(spec, overrides, facts["devices"], memory)
+            path = str(resolve_spec(spec))  # a template's name works here too
+            facts["memory"] = _memory_report(path, overrides, facts["devices"], memory)
         except RuntimeError as exc:  # the simulated-devices subprocess failed
             raise CommandFailed(str(exc)) from None
     if options["as_json"]:

@@ -120,9 +120,13 @@ def params_of_run(
     comps = components(spec)
     checkpoints = Checkpoints(folder.checkpoints, spec.train.keep_checkpoints, 1)
     try:
+        saved = checkpoints.all_steps()
         step = step if step is not None else checkpoints.latest_step()
         if step is None:
             raise UserError(f"{run_dir} has no checkpoint yet")
+        if step not in saved:
+            steps = ", ".join(str(s) for s in sorted(saved))
+            raise UserError(f"{run_dir} has no checkpoint at step {step} (saved: {steps})")
         tx, _ = comps.optimizer()
         if layout is None:
             from clip_jax.schemas import DataParallelOptions
