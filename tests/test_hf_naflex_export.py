@@ -161,6 +161,8 @@ def test_siglip_layout_writes_a_siglip2_folder(siglip_run, siglip2_folder):
     from safetensors.numpy import load_file
 
     tensors = load_file(siglip2_folder / "model.safetensors")
+    weights_mode = (siglip2_folder / "model.safetensors").stat().st_mode
+    assert weights_mode == (siglip2_folder / "config.json").stat().st_mode  # not 0600
     linear = tensors["vision_model.embeddings.patch_embedding.weight"]
     assert linear.shape == (48, PATCH * PATCH * 3)
     # a Linear on patchify's (row, column, channel) vectors is the patch convolution

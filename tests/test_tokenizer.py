@@ -166,3 +166,12 @@ def test_pads_with_the_given_id():
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     np.testing.assert_array_equal(TextTokenizer(words, 4, pad_id=1)(["a b"])[0], [2, 3, 1, 1])
     np.testing.assert_array_equal(TextTokenizer(words, 4, pad_id=0)(["b"])[0], [3, 0, 0, 0])
+
+
+def test_a_generated_caption_drops_bytes_that_are_not_text(tokenizer):
+    """A captioning decoder early in training can emit a lone byte of a multi-byte
+    character: it is dropped, not shown as U+FFFD."""
+    lone = tokenizer.tokenizer.token_to_id("Ã")  # byte 0xC3: starts a 2-byte character
+    words = tokenizer.tokenizer.encode("a red circle").ids
+    (text,) = tokenizer.decode(np.array([[*words, lone]]))
+    assert text == "a red circle"

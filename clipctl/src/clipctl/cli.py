@@ -245,9 +245,10 @@ def resume(run_dir: str) -> None:
 
     summary = runs_lib.resume(_run_folder(run_dir))  # refusals are RunFolderErrors
     path = Path(run_dir)
+    follow = "clipctl runs" if path.parent == Path("runs") else f"clipctl runs {path.parent}"
     click.echo(
         f"resumed run {run_dir} in the background: pid {summary.pid}, output in "
-        f"{path / runs_lib.LAUNCH_LOG} (follow it with `clipctl runs {path.parent}`)"
+        f"{path / runs_lib.LAUNCH_LOG} (follow it with `{follow}`)"
     )
 
 

@@ -58,9 +58,11 @@ class TextTokenizer:
         return eos if eos is not None else self.tokenizer.padding["pad_id"]
 
     def decode(self, tokens_BxL: np.ndarray) -> list[str]:
-        """Texts from token ids, special tokens (start, end, padding) left out."""
+        """Texts from token ids, special tokens (start, end, padding) left out, and
+        bytes that form no character (a generated caption may stop inside one, and
+        byte-level decoding shows them as U+FFFD)."""
         rows = [[int(t) for t in row] for row in np.asarray(tokens_BxL)]
-        return [text.strip() for text in self.tokenizer.decode_batch(rows)]
+        return [text.replace("\ufffd", "").strip() for text in self.tokenizer.decode_batch(rows)]
 
     def save(self, path: str | Path) -> None:
         self.tokenizer.save(str(path))

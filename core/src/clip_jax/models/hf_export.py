@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,7 @@ def write_folder(
         {k: np.array(v, np.float32, order="C") for k, v in tensors.items()},
         out / "model.safetensors",
     )
+    _as_umask_allows(out / "model.safetensors")
     config = _siglip2_config(options, eos) if siglip2 else _config(options, layout, eos)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     processor = _siglip2_processor(spec) if siglip2 else _processor_config(spec, layout)
@@ -330,3 +332,11 @@ def _swap_ids(vocab: dict, a: int, b: int) -> None:
     padding = vocab.get("padding")
     if padding:
         padding["pad_id"] = swap(padding["pad_id"])
+
+
+def _as_umask_allows(path: Path) -> None:
+    """safetensors writes through a private temporary file (mode 0600); the weights are
+    shared like the export's other files, as the process's umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
