@@ -373,6 +373,18 @@ def test_an_unknown_component_is_a_user_error_naming_the_key():
     assert str(error).startswith("loss.name: unknown loss 'sigmod'; did you mean 'sigmoid'?")
 
 
+def test_a_name_from_one_of_our_plugins_says_which_package_brings_it():
+    """Where only the core is installed (a wheel install), a template or spec that names
+    the webdataset source says what to install."""
+    import copy
+
+    core_only = copy.copy(get_registry())
+    core_only.components = {k: dict(v) for k, v in core_only.components.items()}
+    core_only.components["data_source"].pop("webdataset", None)
+    with pytest.raises(UnknownComponentError, match="pip install clip-jax-webdataset"):
+        core_only.get("data_source", "webdataset", key="data.source")
+
+
 class MistakenRegistrations:
     """A plugin whose registrations are wrong: each is reported, the good one kept."""
 

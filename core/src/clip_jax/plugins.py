@@ -106,6 +106,15 @@ class UnknownComponentError(PluginError, LookupError):
     installed or broken), so a PluginError; a LookupError for older callers."""
 
 
+# The plugins that live in this repository (plugins/), so that a name they provide says
+# what to install where only the core is (a wheel install: templates name them too).
+FIRST_PARTY_PLUGINS = {
+    ("data_source", "webdataset"): "clip-jax-webdataset",
+    ("architecture", "convnext"): "clip-jax-convnext",
+    ("logger", "wandb"): "clip-jax-wandb",
+}
+
+
 @dataclass
 class Registry:
     components: dict[str, dict[str, Component]]
@@ -131,6 +140,9 @@ class Registry:
         if close:
             message += f"; did you mean {close[0]!r}?"
         message += f" (available: {', '.join(self.names(kind)) or 'none'})"
+        package = FIRST_PARTY_PLUGINS.get((kind, name))
+        if package:
+            message += f"; it comes with the plugin {package}: pip install {package}"
         broken = [p for p in self.plugins if p.errors]
         if broken:
             message += "; plugins that failed to load and may provide it: " + ", ".join(
