@@ -266,6 +266,13 @@ def test_export_refuses_what_transformers_cannot_express():
     spec = validate({"model": {"preset": "tiny", "text": {"activation": "swiglu"}}})
     with pytest.raises(UserError, match=r"model.text.activation = 'swiglu'"):
         layout_of(spec.model)
+    # every obstacle in one message, not one per train-and-export round
+    many = {"pool": "map", "patch_bias": False, "norm_pre": True, "projection": "linear"}
+    spec = validate({"model": {"preset": "tiny", "vision": many}})
+    with pytest.raises(UserError) as refused:
+        layout_of(spec.model)
+    for key in ("patch_bias", "norm_pre", "projection"):
+        assert f"model.vision.{key} = " in str(refused.value)
 
 
 @pytest.mark.slow

@@ -99,21 +99,24 @@ def layout_of(options) -> str:
             f"{tower}.use_bias": True, f"{tower}.qk_norm": False,
         }  # fmt: skip
     wanted["vision.registers"] = 0
+    model = "SiglipModel" if layout == "siglip" else "CLIPModel"
+    problems = []  # every one at once: a user fixes them in one go, not one per try
     for key, value in wanted.items():
         tower, name = key.split(".")
         have = getattr(getattr(options, tower), name)
         if have != value:
-            model = "SiglipModel" if layout == "siglip" else "CLIPModel"
-            raise UserError(
-                f"model.{key} = {have!r}: transformers' {model} has no such option "
-                f"(it needs {value!r}); this model cannot be exported to the hf format"
-            )
+            problems.append(f"model.{key} = {have!r} (it needs {value!r})")
     for tower in ("vision", "text"):
         act = getattr(options, tower).activation
         if act not in ACTIVATIONS_OUT:
-            raise UserError(f"model.{tower}.activation = {act!r} has no transformers equivalent")
+            problems.append(f"model.{tower}.activation = {act!r} (no transformers equivalent)")
     if layout == "siglip" and options.embed_dim != v.width:
-        raise UserError("SiglipModel needs model.embed_dim equal to model.vision.width")
+        problems.append(f"model.embed_dim = {options.embed_dim} (it needs model.vision.width)")
+    if problems:
+        raise UserError(
+            f"this model cannot be exported to the hf format: transformers' {model} has no "
+            f"such options: {'; '.join(problems)}"
+        )
     return layout
 
 
