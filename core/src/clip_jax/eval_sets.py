@@ -87,9 +87,11 @@ def evaluate_model(
     known = labels >= 0 if labels is not None else None
     if eval_set.classes and labels is not None and known.any():
         if labels[known].max() >= len(eval_set.classes):
+            count = len(eval_set.classes)
             raise UserError(
-                f"label {int(labels[known].max())} but the classes file has only "
-                f"{len(eval_set.classes)} classes"
+                f"the data has label {int(labels[known].max())}, but the classes list only "
+                f"{count} {'class' if count == 1 else 'classes'} (labels count from 0)",
+                key="--classes",
             )
         class_emb = class_embeddings(model.encode_texts, eval_set.classes, eval_set.templates)
         results |= zero_shot(found["images"][known], labels[known], class_emb)
