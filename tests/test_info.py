@@ -257,3 +257,44 @@ def test_a_gpu_runs_cudnn_attention_is_sized_here_with_xlas():
     assert "model.text.attention = 'cudnn' estimated with XLA's" in facts["memory"]["note"]
     shown = CliRunner().invoke(cli, ["info", str(QUICKSTART), *gpu_run, "--no-memory"])
     assert "model.text.attention = 'cudnn' counted with XLA's attention" in shown.output
+
+
+def test_a_size_1_mesh_axis_splits_nothing_so_tp_is_dp_and_fsdp_tp_is_fsdp():
+    """The layouts `--strategies all` compares: built from the mesh alone, no compile."""
+    keys = {}
+    for mesh in ("model=1", "model=2"):
+        on_8 = memory.Estimator(QUICKSTART, [*SMALL_RUN, f"sharding.mesh.{mesh}"], devices=8)
+        keys[mesh] = {name: on_8.layout_key(name) for name in ("dp", "fsdp", "tp", "fsdp_tp")}
+    one, two = keys["model=1"], keys["model=2"]
+    assert one["tp"] == one["dp"] and one["fsdp_tp"] == one["fsdp"] != one["dp"]
+    assert len(set(two.values())) == 4  # with a model axis to split over, all differ
+
+
+@pytest.mark.slow
+def test_all_strategies_compile_each_layout_once_and_say_which_they_skipped():
+    """With sharding.mesh.model = 1 (the templates'), tp partitions as dp does and fsdp_tp
+    as fsdp: `--strategies all` sizes dp and fsdp and lists the other two as skipped, with
+    why; its progress is one plain line per compile (what a log or a pipe shows)."""
+    said = []
+    found = memory.report(
+        QUICKSTART, SMALL_RUN, devices=8, memory=None, strategies=["all"], progress=said.append
+    )
+    assert [e["strategy"] for e in found["estimates"]] == ["dp", "fsdp"]
+    assert found["compiles"] == 2
+    assert {s["strategy"]: s["error"] for s in found["skipped"]} == {
+        "tp": "same layout as dp on this mesh",
+        "fsdp_tp": "same layout as fsdp on this mesh",
+    }
+    assert "tp: not sized: same layout as dp on this mesh" in fits.format_report(found)
+    compiled = [line for line in said if line.startswith("compiled ")]
+    assert len(compiled) == 2 and compiled[1].startswith("compiled fsdp at batch 64: peak ")
+    assert compiled[1].endswith("(2 compiles)")
+    # named one by one, a strategy is sized as asked, even when it repeats a layout
+    named = memory.report(QUICKSTART, SMALL_RUN, devices=8, memory=None, strategies=["dp", "tp"])
+    assert [e["strategy"] for e in named["estimates"]] == ["dp", "tp"] and not named["skipped"]
+
+
+def test_print_progress_writes_plain_lines_to_stderr(capsys):
+    """The progress `clipctl info` needs where stderr is no terminal: lines, no escapes."""
+    memory.print_progress("compiled dp at batch 64: peak 1.00 GiB (1 compile)")
+    assert capsys.readouterr().err == "compiled dp at batch 64: peak 1.00 GiB (1 compile)\n"

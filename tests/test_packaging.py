@@ -47,6 +47,8 @@ def test_a_template_name_works_where_a_spec_path_does(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no templates/ here: the name alone finds it
     runner = CliRunner()
     assert runner.invoke(cli, ["validate", "quickstart", "train.steps=5"]).stdout == "valid\n"
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)  # the run lit starts from
+    (tmp_path / "runs" / "quickstart" / "tokenizer.json").write_text("{}")
     shown = runner.invoke(cli, ["show", "lit", "train.steps=7"])
     assert shown.exit_code == 0
     assert "steps = 7" in shown.stdout

@@ -104,13 +104,13 @@ def _memory_request(**options: Any) -> dict | None:
         "search": options["max_batch"],
         "strategies": [s.strip() for s in strategies.split(",")] if strategies else None,
         "microbatches": counts,
-        "live": not options["as_json"] and sys.stderr.isatty(),
+        "live": None if options["as_json"] else sys.stderr.isatty(),  # None: quiet
     }
 
 
 def _memory_report(spec: str, overrides: tuple[str, ...], devices: int, request: dict) -> dict:
     """Run the estimate, showing its progress on one rewritten line at a terminal."""
-    from clip_jax.memory import report
+    from clip_jax.memory import print_progress, report
 
     live = request.pop("live")
     width = shutil.get_terminal_size().columns - 4
@@ -118,8 +118,9 @@ def _memory_report(spec: str, overrides: tuple[str, ...], devices: int, request:
     def show(message: str) -> None:  # one line, rewritten in place, cleared at the end
         click.echo(f"\r\x1b[2K{message[:width]}...", nl=False, err=True)
 
+    plain = print_progress if live is False else None  # a log or a pipe: plain lines
     try:
-        return report(spec, overrides, devices, progress=show if live else None, **request)
+        return report(spec, overrides, devices, progress=show if live else plain, **request)
     finally:
         if live:
             click.echo("\r\x1b[2K", nl=False, err=True)

@@ -42,8 +42,16 @@ def resolve_spec(spec: str) -> Path:
 
 def load(spec: str, overrides: tuple[str, ...]) -> Any:
     """The validated spec; a SpecError (every problem, each naming its key or the file's
-    line) propagates to the group's one error path. clip_jax.spec is imported here, not
-    at start-up, so that `clipctl --help` stays instant."""
-    from clip_jax.spec import load_spec
+    line) propagates to the group's one error path. The local files it names are checked
+    here too (a missing tokenizer.path or train.init_from run), so that `validate` and
+    `show` refuse what `run` would; the library's `validate` stays about the spec itself.
+    clip_jax.spec is imported here, not at start-up, so that `clipctl --help` stays
+    instant."""
+    from clip_jax.spec import SpecError, load_spec
+    from clip_jax.spec_checks import local_path_problems
 
-    return load_spec(resolve_spec(spec), overrides)
+    resolved = load_spec(resolve_spec(spec), overrides)
+    problems = local_path_problems(resolved)
+    if problems:
+        raise SpecError(problems)
+    return resolved

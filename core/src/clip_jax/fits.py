@@ -214,7 +214,8 @@ def format_report(report: dict[str, Any]) -> str:
                 + (size(m["peak"]), above, size(m["next_peak"]), str(m["compiles"]))
             )
         lines += _table(rows)
-    lines += [f"{s['strategy']}: not sized: {s['error']}" for s in report["skipped"]]
+    # once per strategy and reason, not per micro-batch count
+    lines += dict.fromkeys(f"{s['strategy']}: not sized: {s['error']}" for s in report["skipped"])
     if report.get("note"):
         lines.append(textwrap.fill(f"* {report['note']}", 80, subsequent_indent="  "))
     return "\n".join(lines)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from clip_jax.errors import UserError
-from clip_jax.fits import ACCELERATORS, largest_batch, local_device_memory
+from clip_jax.fits import ACCELERATORS, largest_batch, local_device_memory, size
 
 FOOTNOTE = (
     "compiled by XLA for {devices} simulated CPU devices: an estimate for TPU/GPU, whose "
@@ -142,6 +142,15 @@ class Estimator:
     def mesh(self, strategy: str, microbatches: int) -> dict[str, int]:
         return dict(self._step(strategy, microbatches)[1].layout.mesh.shape)
 
+    def layout_key(self, strategy: str) -> tuple:
+        """What decides how the step is partitioned (``layout_key``), from the strategy's
+        mesh alone: no model is built, nothing compiled."""
+        from clip_jax.plugins import get_registry
+
+        sharding = self.spec(strategy).sharding
+        factory = get_registry().get("sharding", sharding.strategy).factory
+        return layout_key(factory(sharding, self.devices))
+
     def estimate(self, strategy: str, batch: int, microbatches: int = 1) -> Estimate:
         key = (strategy, batch, microbatches)
         if key in self._estimates:
@@ -202,6 +211,10 @@ class Estimator:
             platform=self.platform,
         )
         self._estimates[key] = found
+        self.progress(
+            f"compiled {strategy}{micro} at batch {batch}: peak {size(found.peak)} "
+            f"({self.compiles} compile{'s' * (self.compiles != 1)})"
+        )
         return found
 
     @property
@@ -228,6 +241,35 @@ class Estimator:
             "next_peak": peaks.get(hi),
             "compiles": self.compiles - before,
         }
+
+
+def layout_key(layout) -> tuple:
+    """Two layouts with equal keys partition parameters, activations and the batch alike.
+
+    A mesh axis of size 1 splits nothing, so it is dropped from every rule (a rule left
+    with no axis replicates, as no rule does): with ``sharding.mesh.model = 1``, ``tp``
+    is ``dp`` and ``fsdp_tp`` is ``fsdp``. When a logical axis has several rules, Flax
+    takes the first whose mesh axis is still free in that array, which dropping an axis
+    could change: those rules are compared as they are.
+    """
+    shape = dict(layout.mesh.shape)
+
+    def split(axes) -> tuple[str, ...]:
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        return tuple(a for a in axes if shape.get(a, 1) > 1)
+
+    names = [name for name, _ in layout.rules]
+    if len(set(names)) == len(names):
+        rules = tuple((name, split(axes)) for name, axes in layout.rules if split(axes))
+    else:
+        rules = tuple(layout.rules)
+    return type(layout), tuple(shape.items()), split(layout.batch_axes), rules
+
+
+def print_progress(message: str) -> None:
+    """A ``progress`` for a log or a pipe (not a terminal): one plain line per message on
+    stderr, so that a long estimate shows what it is compiling and what each gave."""
+    print(message, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------- report
@@ -279,9 +321,10 @@ def _report(
         )
     estimator = Estimator(path, overrides, devices, progress)
     spec = estimator.spec()
+    every = list(strategies or []) == ["all"]
     if not strategies:
         strategies = [spec.sharding.strategy]
-    elif list(strategies) == ["all"]:
+    elif every:
         from clip_jax.plugins import get_registry
 
         strategies = get_registry().names("sharding")
@@ -289,7 +332,17 @@ def _report(
     batch = batch or spec.train.batch_size
     limit = memory["bytes"] if memory else None
     estimates, largest, skipped = [], [], []
+    sized: dict[tuple, str] = {}  # layout key -> the first strategy with that layout
     for strategy in strategies:
+        same = _same_layout(estimator, strategy, sized) if every else None
+        if same is not None:
+            reason = f"same layout as {same} on this mesh"
+            estimator.progress(f"{strategy}: {reason}, not compiled")
+            skipped += [
+                {"strategy": strategy, "microbatches": count, "error": reason, "same_as": same}
+                for count in counts
+            ]
+            continue
         for count in counts:
             try:
                 found = estimator.estimate(strategy, batch, count)
@@ -312,6 +365,19 @@ def _report(
         "compiles": estimator.compiles,
         "note": _note(estimator, devices),
     }
+
+
+def _same_layout(estimator: Estimator, strategy: str, sized: dict[tuple, str]) -> str | None:
+    """The strategy already sized whose layout ``strategy`` has on this mesh (None: a
+    new one, now recorded). One whose mesh cannot be built is estimated, which says why."""
+    try:
+        key = estimator.layout_key(strategy)
+    except UserError:
+        return None
+    if key in sized:
+        return sized[key]
+    sized[key] = strategy
+    return None
 
 
 def _note(estimator: Estimator, devices: int) -> str | None:

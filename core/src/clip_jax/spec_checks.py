@@ -7,8 +7,10 @@ run starts. Each check returns (key, message) problems, reported with the rest.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from clip_jax import storage
 from clip_jax.schemas import VisionOptions
 
 
@@ -123,3 +125,69 @@ def teacher_term_problems(spec: Any) -> list[tuple[str, str]]:
 def cross_table_problems(spec: Any) -> list[tuple[str, str]]:
     """Every cross-table check's problems, in order."""
     return naflex_problems(spec) + teacher_term_problems(spec)
+
+
+# ------------------------------------------------------------------ local files
+def _local(location: Any) -> bool:
+    """A path on this machine: a URL (gs://...) needs the network (the trainer checks
+    it), and a ``FORMAT:PATH`` checkpoint is checked when its defaults are read."""
+    from clip_jax.pretrained import parse_ref
+
+    return isinstance(location, str) and not storage.is_url(location) and not parse_ref(location)
+
+
+def _resuming(spec: Any) -> bool | None:
+    """Whether the run folder already has its tokenizer: a resume, which reads neither
+    ``tokenizer.path`` nor ``train.init_from`` again. None for a URL (gs://) folder:
+    only the trainer, with the network, can tell."""
+    from clip_jax.run_folder import TOKENIZER
+
+    output = str(spec.run.output_dir)
+    return None if storage.is_url(output) else (Path(output) / TOKENIZER).exists()
+
+
+def _checkpoint_gone(spec: Any) -> bool:
+    """``train.init_from = "FORMAT:PATH"`` whose PATH is gone: a resolved spec resuming
+    (``pretrained.with_defaults`` reports it otherwise), whose ``tokenizer.path`` was
+    the checkpoint's."""
+    from clip_jax.pretrained import parse_ref
+
+    init_from = spec.train.init_from
+    parsed = parse_ref(init_from) if isinstance(init_from, str) else None
+    if parsed is None:
+        return False
+    path = parsed[1]  # PATH#NAME: the file or folder is PATH, as find_format reads it
+    return not path.exists() and not Path(str(path).rpartition("#")[0] or path).exists()
+
+
+def tokenizer_path_problems(spec: Any) -> list[tuple[str, str]]:
+    """A ``tokenizer.path`` that is not there, as the trainer's preflight refuses it."""
+    path = getattr(spec.tokenizer, "path", None)
+    if not path or "://" in path or Path(path).exists():
+        return []
+    if _resuming(spec) or _checkpoint_gone(spec):
+        return []
+    return [("tokenizer.path", f"{path} does not exist; fix the path or unset it")]
+
+
+def init_from_problems(spec: Any) -> list[tuple[str, str]]:
+    """A ``train.init_from`` run folder that a fresh run cannot start from: missing, or
+    without the tokenizer.json whose ids its token embeddings mean."""
+    from clip_jax.run_folder import TOKENIZER
+
+    init_from = spec.train.init_from
+    if not (init_from and _local(init_from)) or _resuming(spec) is not False:
+        return []  # resuming (or maybe, in a gs:// folder): it may be gone by now
+    if not Path(init_from).exists():
+        return [("train.init_from", f"{init_from} does not exist")]
+    if not (Path(init_from) / TOKENIZER).exists():
+        return [("train.init_from", f"{init_from} has no {TOKENIZER}")]
+    return []
+
+
+def local_path_problems(spec: Any) -> list[tuple[str, str]]:
+    """The local files a user's spec names that the trainer reads before it trains, so
+    that ``clipctl validate`` refuses what ``clipctl run`` would. Not for a spec read
+    back from a run folder: the files it started from may be gone, or relative to
+    another working directory."""
+    return tokenizer_path_problems(spec) + init_from_problems(spec)

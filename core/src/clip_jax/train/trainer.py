@@ -135,7 +135,7 @@ def load_tokenizer(comps: Components, folder: RunFolder, train_files: Sequence[s
     if saved is None and init_from and not parse_ref(init_from):
         saved = RunFolder(init_from).tokenizer
         if not saved.exists():
-            raise UserError(f"train.init_from: {init_from} has no tokenizer.json")
+            raise UserError(f"train.init_from: {_missing_source(init_from)}")
     limit = getattr(comps.spec.tokenizer, "train_captions", 100_000)
     source = comps.data
     captions = (
@@ -202,7 +202,7 @@ def preflight(comps: Components) -> None:
         and not RunFolder(spec.run.output_dir).tokenizer.exists()
         and not RunFolder(init_from).tokenizer.exists()
     ):
-        raise UserError(f"train.init_from: {init_from} has no tokenizer.json")
+        raise UserError(f"train.init_from: {_missing_source(init_from)}")
     checkpoint_directory(RunFolder(spec.run.output_dir).checkpoints)  # a scheme orbax writes
     layout = comps.layout  # the mesh builds on these devices
     batch, micro, processes = spec.train.batch_size, spec.train.microbatches, jax.process_count()
@@ -213,6 +213,13 @@ def preflight(comps: Components) -> None:
             f"devices of the batch axes{per}"
         )
     check_layout(len(source.train_files), source.keys.readers, batch, processes)
+
+
+def _missing_source(init_from: str) -> str:
+    """Why a fresh run cannot take its tokenizer from the run it starts from."""
+    if not storage.path(init_from).exists():
+        return f"{init_from} does not exist"
+    return f"{init_from} has no tokenizer.json"
 
 
 def _warm_start(spec: RunSpec, tx, init, abstract, shardings, layout):
