@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import keyword
 import re
+import shlex
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -136,4 +138,7 @@ def new(name: str, kind: str, parent: str) -> None:
     root = write_package(name, kind, parent)
     names = PluginNames.from_name(name)
     click.echo(f"wrote {root}: a {KINDS[kind][0]} {names.component!r} in module {names.module}")
-    click.echo(f"next: cd {root} && uv pip install -e . && clipctl plugins && pytest tests")
+    # into the environment this clipctl runs in, wherever the package was written
+    python, folder = shlex.quote(sys.executable), shlex.quote(str(root))
+    install = f"uv pip install --python {python} -e {folder}"
+    click.echo(f"next: {install} && clipctl plugins && cd {folder} && {python} -m pytest tests")
