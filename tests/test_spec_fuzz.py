@@ -263,7 +263,8 @@ def test_a_wrong_override_names_its_key(case):
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
-def test_every_template_is_valid_through_both_commands(name, tmp_path):
+def test_every_template_is_valid_through_both_commands(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths (runs/quickstart) the same wherever it runs
     spec_file = write(str(tmp_path), tomllib.loads(TEMPLATES[name]))
     lines = check_spec(spec_file)
     # until its weights are downloaded, or the quickstart has run, as each says
