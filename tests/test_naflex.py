@@ -37,6 +37,10 @@ def test_the_grid_fills_the_budget_as_siglip2_does():
     assert grid_for(64, 32, PATCH, 16) == (5, 3)  # 15 of 16, where keeping 2:1 gives 10
     assert grid_for(32, 32, PATCH, 16) == (4, 4)
     assert grid_for(1, 1, 16, 256) == (7, 7)  # the search's largest scale, 100
+
+
+@pytest.mark.slow  # importing transformers takes seconds
+def test_the_grid_is_transformers_siglip2_grid():
     processor = pytest.importorskip(
         "transformers.models.siglip2.image_processing_pil_siglip2",
         reason="transformers (Siglip2) is not installed",
