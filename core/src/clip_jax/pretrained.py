@@ -53,6 +53,12 @@ def parse_ref(ref: str | Path) -> tuple[str, Path] | None:
     return None
 
 
+def checkpoint_exists(path: Path) -> bool:
+    """Whether a ``FORMAT:PATH`` reference's PATH is there: the file or folder itself,
+    or, for ``PATH#NAME`` (a model inside an open_clip folder), the part before ``#``."""
+    return path.exists() or Path(str(path).rpartition("#")[0] or path).exists()
+
+
 def find_format(ref: str, registry: Registry | None = None) -> tuple[str, WeightFormat, Path]:
     """(architecture name, converter, path) for a ``FORMAT:PATH`` reference.
 
@@ -63,7 +69,7 @@ def find_format(ref: str, registry: Registry | None = None) -> tuple[str, Weight
     if parsed is None:
         raise UserError(f"{ref!r} is not a FORMAT:PATH reference ({', '.join(KNOWN_FORMATS)})")
     scheme, path = parsed
-    if not path.exists() and not Path(str(path).rpartition("#")[0] or path).exists():
+    if not checkpoint_exists(path):
         raise UserError(f"{path} does not exist")
     registry = registry or get_registry()
     readers = [

@@ -150,14 +150,11 @@ def _checkpoint_gone(spec: Any) -> bool:
     """``train.init_from = "FORMAT:PATH"`` whose PATH is gone: a resolved spec resuming
     (``pretrained.with_defaults`` reports it otherwise), whose ``tokenizer.path`` was
     the checkpoint's."""
-    from clip_jax.pretrained import parse_ref
+    from clip_jax.pretrained import checkpoint_exists, parse_ref
 
     init_from = spec.train.init_from
     parsed = parse_ref(init_from) if isinstance(init_from, str) else None
-    if parsed is None:
-        return False
-    path = parsed[1]  # PATH#NAME: the file or folder is PATH, as find_format reads it
-    return not path.exists() and not Path(str(path).rpartition("#")[0] or path).exists()
+    return parsed is not None and not checkpoint_exists(parsed[1])
 
 
 def tokenizer_path_problems(spec: Any) -> list[tuple[str, str]]:
