@@ -37,8 +37,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clip_jax.components import components  # noqa: E402
+from clip_jax.components import components, for_flop_count  # noqa: E402
 from clip_jax.host_memory import huge_pages_on  # noqa: E402
+from clip_jax.models.chunks import unchunked  # noqa: E402
 from clip_jax.spec import load_spec  # noqa: E402
 from clip_jax.train.state import create_state, make_train_step, state_shardings  # noqa: E402
 
@@ -47,7 +48,6 @@ from profile_summary import show as show_profile  # noqa: E402
 from profile_summary import summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_FLOPS_OVERRIDES = ("remat", "scan_layers")  # reset per tower when counting model FLOPs
 PROFILED_STEPS = 3
 
 
@@ -105,13 +105,13 @@ def compiled_step(comps):
 
 def model_flops(spec_path: str, overrides: list[str]) -> float:
     """FLOPs of one train step as the model defines it: XLA's count of the lowered step
-    with every tower unscanned and without remat (recomputation is not model work)."""
-    plain = [f"model.{t}.{k}={v}" for t in ("vision", "text") for k, v in
-             (("remat", "none"), ("scan_layers", "false"))]  # fmt: skip
-    comps = components(load_spec(spec_path, [*overrides, *plain]))
+    with every tower unscanned, without remat (recomputation is not model work) and the
+    chunked heads in one chunk (``components.for_flop_count``)."""
+    comps = components(for_flop_count(load_spec(spec_path, overrides)))
     step, state = compiled_step(comps)
     images, tokens = fixed_batch(comps)
-    lowered = step.lower(state, images, tokens)
+    with unchunked():
+        lowered = step.lower(state, images, tokens)
     flops = _flops(lowered.cost_analysis())
     if not flops:  # XLA's GPU backend counts only a compiled program
         flops = _flops(lowered.compile().cost_analysis())
@@ -137,12 +137,10 @@ def step_benchmark(
     state, metrics = step(state, images, tokens)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
-    # This program is the model's own (no remat, no scan): its count is the model FLOPs,
-    # and a second compile (minutes for clip-b16 on a GPU) is saved.
-    plain = all(
-        t.remat == "none" and not t.scan_layers
-        for t in (comps.spec.model.vision, comps.spec.model.text)
-    )
+    # This program is the model's own (no remat, no scan, no chunked head's loop): its
+    # count is the model FLOPs, and a second compile (minutes for clip-b16 on a GPU) is
+    # saved.
+    plain = for_flop_count(comps.spec) is comps.spec and not comps.aux_terms
     flops = (_flops(lowered.cost_analysis()) or _flops(step.cost_analysis())) if plain else None
     print(f"first step (compile included): {compile_s:.1f} s", file=sys.stderr, flush=True)
     best = math.inf

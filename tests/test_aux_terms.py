@@ -12,7 +12,10 @@ import pytest
 
 from clip_jax.components import components
 from clip_jax.errors import UserError
+from clip_jax.models import chunks
 from clip_jax.models.captioning import per_example_captioning
+from clip_jax.models.decoder import VocabProjection
+from clip_jax.models.layers import BlockConfig
 from clip_jax.spec import SpecError, to_toml, validate
 from tests.conftest import QUICKSTART
 
@@ -83,25 +86,48 @@ def reference_captioning(logits, targets, pad_id):
     return np.asarray(losses)
 
 
-def test_captioning_value_and_gradient_match_a_plain_reference():
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(3, 5, 7)).astype(np.float32)
-    targets = np.array([[1, 4, 2, 0, 0], [3, 3, 3, 6, 2], [0, 0, 0, 0, 0]])
-    out = per_example_captioning(jnp.asarray(logits), jnp.asarray(targets), pad_id=0)
-    np.testing.assert_allclose(out["loss"], reference_captioning(logits, targets, 0), rtol=1e-5)
-    assert out["token_accuracy"].shape == (3,)
+def captioning_values(head, params, x, targets, vocab):
+    nll, correct = head.apply(params, x, targets, vocab, method="cross_entropy")
+    return per_example_captioning(nll, correct, targets, pad_id=0)
 
-    # d(mean loss)/d logits = (softmax - onehot) / (count * batch) on valid positions
-    grad = jax.grad(lambda x: per_example_captioning(x, jnp.asarray(targets), 0)["loss"].mean())(
-        jnp.asarray(logits)
-    )
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    onehot = np.eye(7)[targets]
-    valid = (targets != 0)[..., None]
-    count = np.maximum(valid.sum(axis=1, keepdims=True), 1)
-    expected = (probs - onehot) * valid / count / len(targets)
-    np.testing.assert_allclose(grad, expected, atol=1e-6)
+
+@pytest.mark.parametrize("chunk_logits", [None, 3 * 2 * 7])  # one chunk; 2 + 2 + 1 positions
+def test_captioning_value_and_gradient_match_a_plain_reference(monkeypatch, chunk_logits):
+    """The cross-entropy a chunk of positions at a time (the decoder's output layer,
+    under jax.checkpoint) equals the per-token formula, with its gradients."""
+    if chunk_logits:
+        monkeypatch.setattr(chunks, "CHUNK_LOGITS", chunk_logits)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 5, 4)).astype(np.float32))
+    targets = jnp.asarray([[1, 4, 2, 0, 0], [3, 3, 3, 6, 2], [0, 0, 0, 0, 0]])
+    head = VocabProjection(BlockConfig(heads=1, mlp_hidden=4), width=4, vocab_size=9)
+    params = nn.unbox(head.init(jax.random.key(0), x))  # 9 ids: 7 scored, 2 of the decoder's
+    params = jax.tree.map(lambda p: p + rng.normal(size=p.shape).astype(np.float32), params)
+    logits = np.asarray(head.apply(params, x, 7))
+    assert logits.shape == (3, 5, 7)
+    out = captioning_values(head, params, x, targets, vocab=7)
+    np.testing.assert_allclose(out["loss"], reference_captioning(logits, targets, 0), rtol=1e-5)
+    valid = np.asarray(targets) != 0
+    correct = (logits.argmax(-1) == np.asarray(targets)) & valid
+    expected = correct.sum(1) / np.maximum(valid.sum(1), 1)
+    np.testing.assert_allclose(out["token_accuracy"], expected, rtol=1e-6)
+
+    # d(mean loss)/d logits = (softmax - onehot) / (count * batch) on valid positions,
+    # carried to the layer's input and parameters by the chain rule
+    def dense(params, x):
+        logits = head.apply(params, x, 7)
+        probs = jax.nn.softmax(logits, axis=-1)
+        onehot = jax.nn.one_hot(targets, 7)
+        count = np.maximum(valid.sum(axis=1, keepdims=True), 1)
+        weight = jax.lax.stop_gradient((probs - onehot) * valid[..., None] / count[..., None] / 3)
+        return jnp.sum(weight * logits)
+
+    def chunked(params, x):
+        return captioning_values(head, params, x, targets, vocab=7)["loss"].mean()
+
+    got, expected = jax.grad(chunked, (0, 1))(params, x), jax.grad(dense, (0, 1))(params, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, expected)
+    assert not np.any(got[0]["params"]["kernel"][:, 7:])  # the decoder's own ids: not scored
 
 
 @pytest.fixture(scope="module")

@@ -259,6 +259,59 @@ def test_a_gpu_runs_cudnn_attention_is_sized_here_with_xlas():
     assert "model.text.attention = 'cudnn' counted with XLA's attention" in shown.output
 
 
+DEEP = [*SMALL_RUN, "model.vision.depth=4", "model.text.depth=4"]
+REMAT = ["model.vision.remat=full", "model.text.remat=full"]
+SCAN = ["model.vision.scan_layers=true", "model.text.scan_layers=true"]
+
+
+@pytest.mark.slow
+def test_an_unrolled_remat_is_estimated_as_the_scanned_one_on_a_cpu():
+    """XLA's CPU compiler drops remat's barriers before scheduling: unrolled, remat saves
+    nothing there (checked first, the reason for what follows); the estimate of a GPU/TPU
+    run compiles the scanned form, which keeps remat on every backend, and says so."""
+    import jax
+
+    from clip_jax.components import components
+    from clip_jax.train.state import make_train_step, state_shardings
+
+    def temporaries(overrides):  # the step as a run on this CPU compiles it
+        comps = components(load_spec(QUICKSTART, [*DEEP, *overrides]))
+        tx, schedule = comps.optimizer()
+        _, abstract, shardings = state_shardings(comps.model, tx, comps.layout, comps.spec)
+        step = make_train_step(comps.model, comps.loss.fn, tx, schedule, shardings, comps.layout)
+        v, t = comps.spec.model.vision, comps.spec.model.text
+        images = jax.ShapeDtypeStruct((64, v.image_size, v.image_size, 3), "float32")
+        tokens = jax.ShapeDtypeStruct((64, t.context_length), "int32")
+        compiled = step.lower(abstract, images, tokens, None).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temporaries(REMAT) == pytest.approx(temporaries([]), rel=0.01)
+
+    plain, unrolled, scanned = (
+        memory.Estimator(QUICKSTART, [*DEEP, *o], devices=1) for o in ([], REMAT, REMAT + SCAN)
+    )
+    estimates = [e.estimate("dp", 64).temporaries for e in (plain, unrolled, scanned)]
+    assert estimates[1] == estimates[2] < estimates[0] / 2
+    assert unrolled.scanned == ["model.vision.remat", "model.text.remat"]
+    assert plain.scanned == scanned.scanned == []
+    report = memory.report(QUICKSTART, [*DEEP, *REMAT], devices=1, memory=None)
+    assert "model.vision.remat, model.text.remat with unrolled layers" in report["note"]
+
+
+@pytest.mark.slow
+def test_flops_count_the_model_whatever_its_scan_remat_and_chunks(monkeypatch):
+    """XLA's cost analysis counts a loop's body once: a scanned tower, or a head that
+    forms its logits a chunk at a time (here forced into loops at info's batch of 2),
+    would undercount. info counts the unrolled model without remat, in one chunk."""
+    from clip_jax.models import chunks
+
+    path = TEMPLATES["siglip2-tiny"].path
+    plain = model_info(load_spec(path))["train_flops_per_pair"]
+    monkeypatch.setattr(chunks, "CHUNK_LOGITS", 64)
+    looped = model_info(load_spec(path, [*REMAT, *SCAN]))["train_flops_per_pair"]
+    assert looped == plain
+
+
 def test_a_size_1_mesh_axis_splits_nothing_so_tp_is_dp_and_fsdp_tp_is_fsdp():
     """The layouts `--strategies all` compares: built from the mesh alone, no compile."""
     keys = {}

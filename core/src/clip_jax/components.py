@@ -180,10 +180,21 @@ def components(spec: RunSpec, registry: Registry | None = None) -> Components:
     return Components(spec, registry or get_registry())
 
 
+def _towers(spec: RunSpec) -> dict[str, Any]:
+    return {t: getattr(spec.model, t) for t in ("vision", "text") if hasattr(spec.model, t)}
+
+
+def _with_towers(spec: RunSpec, updates: dict[str, dict[str, Any]]) -> RunSpec:
+    """The spec with these fields of its towers replaced (``{"vision": {"remat": ...}}``)."""
+    if not updates:
+        return spec
+    towers = {t: getattr(spec.model, t).model_copy(update=u) for t, u in updates.items()}
+    return spec.model_copy(update={"model": spec.model.model_copy(update=towers)})
+
+
 def fused_attention_towers(spec: RunSpec) -> list[str]:
     """The towers whose attention is cuDNN's fused kernel."""
-    towers = [t for t in ("vision", "text") if hasattr(spec.model, t)]
-    return [t for t in towers if getattr(getattr(spec.model, t), "attention", "") == "cudnn"]
+    return [t for t, tower in _towers(spec).items() if getattr(tower, "attention", "") == "cudnn"]
 
 
 def with_portable_attention(spec: RunSpec) -> tuple[RunSpec, list[str]]:
@@ -198,6 +209,41 @@ def with_portable_attention(spec: RunSpec) -> tuple[RunSpec, list[str]]:
 
     if jax.default_backend() == "gpu":
         return spec, []
-    towers = {t: getattr(spec.model, t).model_copy(update={"attention": "xla"}) for t in fused}
-    model = spec.model.model_copy(update=towers)
-    return spec.model_copy(update={"model": model}), [f"model.{t}.attention" for t in fused]
+    spec = _with_towers(spec, {t: {"attention": "xla"} for t in fused})
+    return spec, [f"model.{t}.attention" for t in fused]
+
+
+def for_flop_count(spec: RunSpec) -> RunSpec:
+    """The spec whose lowered step XLA's cost analysis counts as the model's FLOPs: every
+    tower unrolled (the analysis counts a loop's body once, so a scanned tower would
+    count one block of twelve) and without remat (recomputation is not model work).
+    Lower it under ``clip_jax.models.chunks.unchunked()`` too, for the chunked heads."""
+    updates = {}
+    for name, tower in _towers(spec).items():
+        update = {"scan_layers": False} if getattr(tower, "scan_layers", False) else {}
+        if getattr(tower, "remat", "none") != "none":
+            update["remat"] = "none"
+        if update:
+            updates[name] = update
+    return _with_towers(spec, updates)
+
+
+def with_scanned_remat(spec: RunSpec) -> tuple[RunSpec, list[str]]:
+    """On a CPU backend, the spec with scanned layers where a tower has remat and unrolled
+    layers, and the keys changed: XLA's CPU compiler removes remat's optimization
+    barriers before it schedules, so the recomputation merges back into the forward pass
+    and an unrolled remat saves nothing there (measured: equal temporaries with and
+    without it), while GPU and TPU compilers keep the barriers. A scan keeps remat on
+    every backend, so a CPU estimate of a GPU/TPU run compiles the scanned form: same
+    recomputation, same saved block inputs."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return spec, []
+    unrolled = [
+        name
+        for name, tower in _towers(spec).items()
+        if getattr(tower, "remat", "none") != "none" and not getattr(tower, "scan_layers", True)
+    ]
+    spec = _with_towers(spec, {t: {"scan_layers": True} for t in unrolled})
+    return spec, [f"model.{t}.remat" for t in unrolled]

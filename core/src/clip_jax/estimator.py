@@ -58,19 +58,17 @@ class Estimator:
         self.platform = self.devices[0].platform
         self._base = None
         self.portable: list[str] = []  # keys whose cuDNN attention is estimated with XLA's
+        self.scanned: list[str] = []  # keys whose unrolled remat is estimated scanned
         self._steps: dict[tuple[str, int], tuple] = {}
         self._estimates: dict[tuple[str, int, int], Estimate] = {}
 
     def spec(self, strategy: str | None = None, microbatches: int | None = None):
         """The spec, or its variant with another strategy / micro-batch count, as the
         overrides ``sharding.strategy=...`` and ``train.microbatches=...`` give it."""
-        from clip_jax.components import with_portable_attention
         from clip_jax.spec import load_spec
 
         if self._base is None:
-            self._base, self.portable = with_portable_attention(
-                load_spec(self.path, self.overrides)
-            )
+            self._base = self._estimable(load_spec(self.path, self.overrides))
         base, extra = self._base, []
         if strategy and strategy != base.sharding.strategy:
             extra.append(f"sharding.strategy={strategy}")
@@ -80,7 +78,17 @@ class Estimator:
                 extra.append(f"train.batch_size={base.train.batch_size * microbatches}")
         if not extra:
             return base
-        return with_portable_attention(load_spec(self.path, [*self.overrides, *extra]))[0]
+        return self._estimable(load_spec(self.path, [*self.overrides, *extra]))
+
+    def _estimable(self, spec):
+        """The spec as this machine compiles it like the target would (the keys changed
+        are kept for the report's note): XLA's attention for cuDNN's without a GPU, and
+        scanned layers for an unrolled remat on a CPU (``components``)."""
+        from clip_jax.components import with_portable_attention, with_scanned_remat
+
+        spec, self.portable = with_portable_attention(spec)
+        spec, self.scanned = with_scanned_remat(spec)
+        return spec
 
     def _step(self, strategy: str, microbatches: int) -> tuple:
         key = (strategy, microbatches)

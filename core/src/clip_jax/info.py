@@ -15,8 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.components import components, with_portable_attention
+from clip_jax.components import components, for_flop_count, with_portable_attention
 from clip_jax.errors import UserError
+from clip_jax.models.chunks import unchunked
 from clip_jax.sharding import AXES, resolve_mesh_shape
 from clip_jax.spec import RunSpec
 from clip_jax.train.state import param_shapes
@@ -45,23 +46,21 @@ def _per_device_bytes(boxed: Any, rules: dict[str, Any], mesh: dict[str, int]) -
 def model_info(spec: RunSpec, devices: int | None = None) -> dict[str, Any]:
     """Parameter counts, training FLOPs per pair and per-device parameter bytes."""
     spec, portable = with_portable_attention(spec)  # a GPU run sized without one
-    comps = components(spec)
-    # No mesh here: the spec may be sized for devices this machine does not have.
-    if spec.loss.name == "chunked_sigmoid":  # equal in value and FLOPs, and needs no mesh
-        loss = _plain_sigmoid_loss(spec)
-    else:
-        loss = comps.registry.get("loss", spec.loss.name).factory(spec.loss, None)
-    architecture = comps.registry.get("architecture", spec.model.architecture)
-    model = architecture.factory(spec.model, loss.init_temperature, loss.init_bias)
-    if comps.aux_terms:  # their modules train with the towers: FLOPs and parameters count them
-        model = comps.with_aux_terms(model)
+    comps, model, loss = _model_of(spec)
     v, t = spec.model.vision, spec.model.text
     images = jax.ShapeDtypeStruct((FLOPS_BATCH, v.image_size, v.image_size, 3), jnp.float32)
     tokens = jax.ShapeDtypeStruct((FLOPS_BATCH, t.context_length), jnp.int32)
     boxed = param_shapes(model, spec)
     params = nn.unbox(boxed)
 
-    cost = _train_cost(comps, model, loss.fn, params, images, tokens)
+    counted = for_flop_count(spec)  # unrolled, no remat: what XLA's analysis counts right
+    if counted is spec:
+        flop_comps, flop_model, flop_loss, flop_params = comps, model, loss, params
+    else:
+        flop_comps, flop_model, flop_loss = _model_of(counted)
+        flop_params = nn.unbox(param_shapes(flop_model, counted))
+    with unchunked():  # no loops either: one chunk per reduction, the same products
+        cost = _train_cost(flop_comps, flop_model, flop_loss.fn, flop_params, images, tokens)
 
     count = devices or jax.device_count()
     mesh = dict(zip(AXES, resolve_mesh_shape(spec.sharding.mesh, count), strict=True))
@@ -84,6 +83,21 @@ def model_info(spec: RunSpec, devices: int | None = None) -> dict[str, Any]:
         "param_bytes_total": int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))),
         **({"xla_attention_for": portable} if portable else {}),
     }
+
+
+def _model_of(spec: RunSpec) -> tuple:
+    """(components, model with its auxiliary terms' modules, loss), built without a mesh:
+    the spec may be sized for devices this machine does not have."""
+    comps = components(spec)
+    if spec.loss.name == "chunked_sigmoid":  # equal in value and FLOPs, and needs no mesh
+        loss = _plain_sigmoid_loss(spec)
+    else:
+        loss = comps.registry.get("loss", spec.loss.name).factory(spec.loss, None)
+    architecture = comps.registry.get("architecture", spec.model.architecture)
+    model = architecture.factory(spec.model, loss.init_temperature, loss.init_bias)
+    if comps.aux_terms:  # their modules train with the towers: FLOPs and parameters count them
+        model = comps.with_aux_terms(model)
+    return comps, model, loss
 
 
 def _train_cost(comps, model, loss_fn, params, images, tokens) -> dict[str, Any]:

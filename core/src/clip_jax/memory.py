@@ -35,6 +35,10 @@ PORTABLE_ATTENTION = (
     "{keys} = 'cudnn' estimated with XLA's attention (no GPU here), which keeps the "
     "(L x L) scores that the fused kernel does not: the GPU's peak is lower"
 )
+SCANNED_REMAT = (
+    "{keys} with unrolled layers estimated as scanned: XLA's CPU compiler undoes remat in "
+    "unrolled layers (no memory saved on a CPU), GPU and TPU compilers keep it"
+)
 
 
 def print_progress(message: str) -> None:
@@ -157,6 +161,8 @@ def _note(estimator: Estimator, devices: int) -> str | None:
         notes.append(FOOTNOTE.format(devices=devices))
     if estimator.portable:
         notes.append(PORTABLE_ATTENTION.format(keys=", ".join(estimator.portable)))
+    if estimator.scanned:
+        notes.append(SCANNED_REMAT.format(keys=", ".join(estimator.scanned)))
     return "; ".join(notes) or None
 
 

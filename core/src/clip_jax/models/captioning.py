@@ -56,8 +56,9 @@ class CaptioningTerm(nn.Module):
         image_valid_BxN=None,
     ) -> jax.Array:
         """Next-token logits over the text vocabulary (the decoder's own ids excluded)."""
-        logits = self.decoder(image_BxNxE, inputs_BxL, parallel_B, train, image_valid_BxN)
-        return logits[..., : self.vocab_size]
+        return self.decoder(
+            image_BxNxE, inputs_BxL, parallel_B, train, image_valid_BxN, vocab=self.vocab_size
+        )
 
     def __call__(
         self,
@@ -72,20 +73,20 @@ class CaptioningTerm(nn.Module):
             draw_B = jax.random.uniform(self.make_rng("dropout"), (batch,))
             parallel_B = draw_B < self.options.parallel_fraction
         inputs_BxL = teacher_inputs(tokens_BxL, self.bos_id)
-        logits_BxLxV = self.logits(image_BxNxE, inputs_BxL, parallel_B, train, image_valid_BxN)
-        return per_example_captioning(logits_BxLxV, tokens_BxL, self.pad_id)
+        nll_BxL, correct_BxL = self.decoder(
+            image_BxNxE, inputs_BxL, parallel_B, train, image_valid_BxN,
+            targets_BxL=tokens_BxL, vocab=self.vocab_size,
+        )  # fmt: skip
+        return per_example_captioning(nll_BxL, correct_BxL, tokens_BxL, self.pad_id)
 
 
 def per_example_captioning(
-    logits_BxLxV: jax.Array, targets_BxL: jax.Array, pad_id: int
+    nll_BxL: jax.Array, correct_BxL: jax.Array, targets_BxL: jax.Array, pad_id: int
 ) -> dict[str, jax.Array]:
     """Each caption's mean cross-entropy and token accuracy over its non-padding tokens:
     every caption weighs the same in the batch mean, however long it is."""
     valid_BxL = (targets_BxL != pad_id).astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-    nll_BxL = -jnp.take_along_axis(log_probs, targets_BxL[..., None], axis=-1)[..., 0]
     count_B = jnp.maximum(valid_BxL.sum(axis=1), 1.0)
-    correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
     return {
         "loss": (nll_BxL * valid_BxL).sum(axis=1) / count_B,
         "token_accuracy": (correct_BxL * valid_BxL).sum(axis=1) / count_B,

@@ -17,8 +17,10 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from clip_jax.models.attention import AttentionMask
+from clip_jax.models.chunks import checkpointed, chunk_rows, over_rows
 from clip_jax.models.layers import Attention, BlockConfig, Mlp, dense_init, make_norm, zeros
 
 
@@ -47,7 +49,8 @@ class DecoderBlock(nn.Module):
 
 
 class CaptionDecoder(nn.Module):
-    """(image tokens, decoder inputs) -> next-token logits, float32."""
+    """(image tokens, decoder inputs) -> next-token logits, float32; with ``targets``,
+    each position's (cross-entropy, correct) instead (``VocabProjection``)."""
 
     cfg: BlockConfig
     width: int
@@ -64,9 +67,11 @@ class CaptionDecoder(nn.Module):
         parallel_B: jax.Array | None = None,
         train: bool = False,
         image_valid_BxN: jax.Array | None = None,
-    ) -> jax.Array:
+        targets_BxL: jax.Array | None = None,
+        vocab: int | None = None,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """``image_valid_BxN``: which image tokens are the image's (NaFlex padding is not
-        attended to); None: all."""
+        attended to); None: all. ``vocab``: score only the first ``vocab`` ids."""
         cfg, (batch, length) = self.cfg, inputs_BxL.shape
         if length > self.max_length:
             raise ValueError(f"got {length} tokens, the decoder's max_length is {self.max_length}")
@@ -104,14 +109,61 @@ class CaptionDecoder(nn.Module):
                 x_BxLxD, mask, image_BxNxD, image_mask
             )
         x_BxLxD = make_norm(cfg, "ln_final")(x_BxLxD)
-        logits = nn.Dense(
-            self.vocab_size,
-            kernel_init=dense_init(("embed", "vocab")),
-            bias_init=zeros(("vocab",)),
-            name="logits",
-            **dense,
-        )(x_BxLxD)
-        return logits.astype(jnp.float32)
+        head = VocabProjection(cfg, self.width, self.vocab_size, name="logits")
+        if targets_BxL is None:
+            return head(x_BxLxD, vocab)
+        return head.cross_entropy(x_BxLxD, targets_BxL, vocab)
+
+
+class VocabProjection(nn.Module):
+    """The decoder's output layer: ``nn.Dense``'s parameters (``kernel``, ``bias``), and
+    its cross-entropy formed a chunk of caption positions at a time under
+    ``jax.checkpoint``, so that the (batch, length, vocabulary) logits, their softmax and
+    its gradient never exist whole: at 32,000 tokens they were the largest temporaries of
+    SigLIP 2's step (about 40 MiB a pair)."""
+
+    cfg: BlockConfig
+    width: int
+    vocab_size: int
+
+    def setup(self) -> None:
+        dtype = self.cfg.param_dtype
+        shape = (self.width, self.vocab_size)
+        self.kernel = self.param("kernel", dense_init(("embed", "vocab")), shape, dtype)
+        self.bias = self.param("bias", zeros(("vocab",)), (self.vocab_size,), dtype)
+
+    def _logits(self, x_BxLxD: jax.Array, kernel_DxV: jax.Array, bias_V: jax.Array):
+        x_BxLxD, kernel_DxV, bias_V = promote_dtype(
+            x_BxLxD, kernel_DxV, bias_V, dtype=self.cfg.dtype
+        )
+        dot_general = self.cfg.dot_general or jax.lax.dot_general
+        logits = dot_general(x_BxLxD, kernel_DxV, (((x_BxLxD.ndim - 1,), (0,)), ((), ())))
+        return (logits + bias_V).astype(jnp.float32)
+
+    def __call__(self, x_BxLxD: jax.Array, vocab: int | None = None) -> jax.Array:
+        """Float32 logits over the first ``vocab`` ids (None: all)."""
+        vocab = vocab or self.vocab_size
+        return self._logits(x_BxLxD, self.kernel[:, :vocab], self.bias[:vocab])
+
+    def cross_entropy(
+        self, x_BxLxD: jax.Array, targets_BxL: jax.Array, vocab: int | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """(negative log-likelihood, argmax == target) of each position, float32, over the
+        first ``vocab`` ids: the values of the dense formula, a chunk at a time."""
+        vocab = vocab or self.vocab_size
+        kernel_DxV, bias_V = self.kernel[:, :vocab], self.bias[:vocab]
+
+        @checkpointed
+        def chunk(x_BxlxD, targets_Bxl):
+            logits_BxlxV = self._logits(x_BxlxD, kernel_DxV, bias_V)
+            picked_Bxl = jnp.take_along_axis(logits_BxlxV, targets_Bxl[..., None], axis=-1)
+            nll_Bxl = jax.nn.logsumexp(logits_BxlxV, axis=-1) - picked_Bxl[..., 0]
+            correct_Bxl = (jnp.argmax(logits_BxlxV, axis=-1) == targets_Bxl).astype(jnp.float32)
+            return (nll_Bxl, correct_Bxl), None
+
+        size = chunk_rows(x_BxLxD.shape[0], vocab)
+        (nll_BxL, correct_BxL), _ = over_rows(chunk, (x_BxLxD, targets_BxL), size)
+        return nll_BxL, correct_BxL
 
 
 def teacher_inputs(tokens_BxL: jax.Array, bos_id: int) -> jax.Array:

@@ -12,12 +12,13 @@ gradients equal the dense formulas' to float32 rounding.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from clip_jax.models.chunks import checkpointed, chunk_rows, over_rows
 
 
 class Projected(NamedTuple):
@@ -29,43 +30,7 @@ class Projected(NamedTuple):
     prototypes_KxE: jax.Array  # unit vectors
 
 
-# Logits a chunk of the reduction forms at once (16 MiB in float32): its memory is a few
-# such chunks (about four), not copies of the whole batch's (rows, K) logits.
-CHUNK_LOGITS = 2**22
 TINY = 1e-30  # Sinkhorn-Knopp's guard against dividing by a sum that underflowed
-
-
-def chunk_rows(batch: int, prototypes: int) -> int:
-    """Rows of each example a chunk holds: ``CHUNK_LOGITS`` logits, at least one row.
-    Chunks cut along each example's rows (masked patches, views), never across examples:
-    the batch is the axis split over devices, so each device works on its own examples
-    in every chunk, with no communication and whatever the mesh."""
-    return max(1, CHUNK_LOGITS // (batch * prototypes))
-
-
-def _over_rows(fn: Callable, arrays: tuple, size: int, total: Callable = jnp.sum) -> tuple:
-    """``fn(*chunks) -> (per_row, totals)`` over slices of ``size`` along axis 1 of every
-    array (a sequential ``lax.map``, then the shorter rest): ``per_row`` outputs put back
-    along axis 1, ``totals`` reduced with ``total`` (``jnp.sum``, ``jnp.max``)."""
-    count = arrays[0].shape[1]
-    whole = count - count % size
-    parts = []
-    if whole:
-
-        def split(x):  # (B, whole, ...) -> (chunks, B, size, ...)
-            x = x[:, :whole]
-            return jnp.moveaxis(x.reshape(x.shape[0], whole // size, size, *x.shape[2:]), 1, 0)
-
-        def merge(y):  # the inverse of split
-            return jnp.moveaxis(y, 0, 1).reshape(y.shape[1], whole, *y.shape[3:])
-
-        per_row, totals = jax.lax.map(lambda xs: fn(*xs), tuple(split(x) for x in arrays))
-        parts.append((jax.tree.map(merge, per_row), jax.tree.map(partial(total, axis=0), totals)))
-    if whole < count:
-        parts.append(fn(*(x[:, whole:] for x in arrays)))
-    per_rows, totals = zip(*parts, strict=True)
-    per_row = jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *per_rows)
-    return per_row, jax.tree.map(lambda *ts: total(jnp.stack(ts), axis=0), *totals)
 
 
 def _cosines(features_BxRxE: jax.Array, prototypes_KxE: jax.Array) -> jax.Array:
@@ -110,12 +75,12 @@ def sinkhorn(
     def scaled(f_BxrxE):
         return _cosines(f_BxrxE, prototypes_KxE) / temperature
 
-    _, top = _over_rows(lambda f: (None, jnp.max(scaled(f))), (features_BxRxE,), size, jnp.max)
+    _, top = over_rows(lambda f: (None, jnp.max(scaled(f))), (features_BxRxE,), size, jnp.max)
 
     def exps(f_BxrxE):
         return jnp.exp(scaled(f_BxrxE) - top)
 
-    _, sums_K = _over_rows(lambda f: (None, jnp.sum(exps(f), axis=(0, 1))), (features_BxRxE,), size)
+    _, sums_K = over_rows(lambda f: (None, jnp.sum(exps(f), axis=(0, 1))), (features_BxRxE,), size)
     total = jnp.sum(sums_K)
     u_BxR = jnp.full((batch, per_example), 1 / total)  # q sums to 1
     sums_K = sums_K / total  # the column sums of q are v_j * sums_K[j]
@@ -130,7 +95,7 @@ def sinkhorn(
     for step in range(iterations):
         v_K = v_K / jnp.maximum(v_K * sums_K, TINY) / count  # each column to sum 1/K
         if step < iterations - 1:
-            u_BxR, sums_K = _over_rows(partial(rows_pass, v_K), (features_BxRxE, u_BxR), size)
+            u_BxR, sums_K = over_rows(partial(rows_pass, v_K), (features_BxRxE, u_BxR), size)
     return Sinkhorn(top, u_BxR, v_K)
 
 
@@ -156,7 +121,7 @@ def distillation_values(
     teacher_BxSxE = jnp.repeat(teacher_features, views, axis=1)
     u_BxS = jnp.repeat(plan.u_BxR, views, axis=1)
 
-    @jax.checkpoint
+    @checkpointed
     def chunk_values(student_BxrxE, teacher_BxrxE, u_Bxr):
         teacher_BxrxK = _cosines(teacher_BxrxE, teacher_prototypes_KxE)
         student_BxrxK = _cosines(student_BxrxE, student.prototypes_KxE)
@@ -167,6 +132,6 @@ def distillation_values(
         return None, jnp.stack(sums)
 
     arrays = (student.features_BxRxE, teacher_BxSxE, u_BxS)
-    _, (cross_entropy, agree) = _over_rows(chunk_values, arrays, size)
+    _, (cross_entropy, agree) = over_rows(chunk_values, arrays, size)
     rows = batch * per_example
     return {"loss": cross_entropy / rows, "agreement": agree / rows}
