@@ -33,8 +33,9 @@ def runner():
 
 @pytest.mark.slow
 def test_eval_on_any_labelled_set_with_a_linear_probe(runner, trained_run, synthetic_dir):
+    data = str(synthetic_dir / "validation" / "*.tfrecord")
     args = [
-        "eval", str(trained_run), "--data", str(synthetic_dir / "validation" / "*.tfrecord"),
+        "eval", str(trained_run), "--data", data,
         "--classes", str(synthetic_dir / "classes.json"), "--label-key", "label",
         "--caption-key", "", "--linear-probe", "--json",
         "--probe-data", str(synthetic_dir / "train" / "*.tfrecord"),
@@ -50,7 +51,8 @@ def test_eval_on_any_labelled_set_with_a_linear_probe(runner, trained_run, synth
     assert results["linear_probe_top1"] > results["zero_shot_top1"]
     assert results["linear_probe_train_examples"] == 1024
     recorded = [json.loads(line) for line in (trained_run / "metrics.jsonl").open()]
-    assert recorded[-1]["split"] == "eval:validation"
+    # filed under the set it read, not as the run's own validation split (same folder name)
+    assert recorded[-1]["split"] == f"eval:{data}"
     assert recorded[-1]["linear_probe_top1"] == results["linear_probe_top1"]
 
 

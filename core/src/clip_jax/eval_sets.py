@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ class EvalSet:
     label_key: str | None
     classes: list[str]
     templates: list[str]
-    name: str
+    name: str  # "validation" (the run's own split) or the --data glob(s) as given
     record_format: Any = None  # a clip_jax.data.formats.RecordFormat; None: TFRecord
 
 
@@ -159,7 +158,9 @@ def run_eval_set(
             files = expand_files(data)
         except FileNotFoundError as exc:
             raise UserError(f"--data: {exc}") from None
-        name = Path(str(data if isinstance(data, str) else data[0])).parent.name or "data"
+        # The glob itself: a folder name ("validation", "val") would file another set's
+        # results under the run's own split, or two sets under one name.
+        name = data if isinstance(data, str) else ",".join(map(str, data))
     if classes:
         names, templates = load_classes(classes)
     return EvalSet(
