@@ -348,3 +348,21 @@ def wandb_run_file(path):
             row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
             history.append(row) if kind_of == "history" else config.update(row)
     return history, config
+
+
+def test_a_hard_quit_writes_interrupted_and_calls_no_tracker(tmp_path):
+    """A second Ctrl-C the main thread cannot answer quits at once (signals.StopRequest's
+    on_quit): the run folder says "interrupted", not "failed" for a process gone, and no
+    tracker's network call holds the exit up."""
+    from clip_jax.train.events import RunFolderWriter
+
+    folder = RunFolder(tmp_path / "run")
+    folder.write_spec("")
+    folder.write_status("running", step=3, steps=10)
+    called = []
+    tracker = type("Tracker", (Subscriber,), {"on_stop": lambda s, step: called.append(step)})()
+    events = Events([RunFolderWriter(folder, 10), tracker])
+    events.quitting(7)
+    status = folder.status()
+    assert (status["state"], status["step"], status["steps"]) == ("interrupted", 7, 10)
+    assert called == [] and events.ended is None

@@ -138,7 +138,7 @@ def test_pending_appends_are_written_at_exit(ram_url):
     folder.log("first")
     folder.log("last words")
     assert "last words" not in gfile_text(f"{ram_url}/run.log")
-    storage._flush_at_exit()  # what atexit runs
+    storage.flush_at_exit()  # what atexit runs
     assert gfile_text(f"{ram_url}/run.log").endswith(" last words\n")
 
 

@@ -151,7 +151,7 @@ def seconds(rounds):
 # The quickest of a few tries: a try that lost the CPU for a moment would read as a slow
 # machine and make the call too short for what a test means to show.
 rounds = int(20_000 * float(sys.argv[1]) / min(seconds(20_000) for _ in range(5)))
-with StopRequest() as stop:
+with StopRequest(on_quit=lambda: print("on_quit ran", flush=True)) as stop:
     print("before", flush=True)
     pbkdf2(rounds)
     time.sleep(0.1)  # the Python handlers run now
@@ -228,6 +228,7 @@ def test_a_second_ctrl_c_in_a_long_c_call_quits_without_waiting_for_it():
     assert code == 130
     assert time.monotonic() - sent < 10  # after the grace period, not the 30 s call
     assert not any(line.startswith("stdout: after") for line in lines), lines
+    assert "stdout: on_quit ran" in lines  # e.g. the run folder's "interrupted"
 
 
 def test_sigterm_twice_in_a_long_c_call_never_quits():

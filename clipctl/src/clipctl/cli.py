@@ -19,10 +19,14 @@ import click
 
 from clip_jax.errors import PathError, RunFolderError, UserError
 from clipctl import __version__, info_command, model_commands, plugin_new
-from clipctl.errors import ClipctlGroup, CommandFailed
+from clipctl.errors import (
+    EXECUTES_PROGRAMS,
+    ClipctlGroup,
+    CommandFailed,
+    claim_process,
+    exit_interrupted,
+)
 from clipctl.spec_args import load, overrides_argument, spec_argument
-
-EXIT_INTERRUPTED = 130
 
 
 @click.group(
@@ -130,7 +134,7 @@ def _run(spec: str, overrides: tuple[str, ...], force: bool) -> None:
             fields = {k: status[k] for k in ("step", "steps") if k in status}
             folder.write_status("interrupted", **fields)
         click.echo("interrupted; rerun the same command to resume", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        exit_interrupted()
     click.echo(json.dumps({"run_dir": resolved.run.output_dir, **results}))
 
 
@@ -380,12 +384,12 @@ cli.add_command(model_commands.caption_command)
 cli.add_command(plugin_new.plugin)
 
 
-# Commands that run XLA programs re-execute themselves with huge pages for XLA's
-# scratch memory first (clip_jax.host_memory); the others start as they are.
-EXECUTES_PROGRAMS = frozenset({"run", "eval", "predict", "caption"})
+# Commands that run XLA programs (EXECUTES_PROGRAMS) re-execute themselves with huge
+# pages for XLA's scratch memory first (clip_jax.host_memory); the others start as they are.
 
 
 def main() -> None:
+    claim_process()
     if EXECUTES_PROGRAMS.intersection(sys.argv[1:2]):
         from clip_jax.host_memory import reexec_with_huge_pages
 

@@ -337,7 +337,8 @@ _unflushed: weakref.WeakSet[Appender] = weakref.WeakSet()
 
 
 @atexit.register
-def _flush_at_exit() -> None:
+def flush_at_exit() -> None:
+    """Also called by clipctl's exit after an interrupt, whose ``os._exit`` skips atexit."""
     for appender in list(_unflushed):
         with contextlib.suppress(Exception):  # a store gone at exit must not mask the exit
             appender.flush()

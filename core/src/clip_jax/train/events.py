@@ -60,6 +60,15 @@ class Events:
     def message(self, text: str) -> None:
         self.emit("message", text)
 
+    def quitting(self, step: int) -> None:
+        """The process quits at once (a second Ctrl-C that the main thread, busy in XLA,
+        could not answer): the run folder says "interrupted" at the last step, not
+        "failed" for a process gone. Nothing else runs: no tracker's network call may
+        hold up an exit the user asked to be immediate."""
+        for subscriber in self.subscribers:
+            if isinstance(subscriber, RunFolderWriter):
+                subscriber.on_stop(step)
+
 
 class RunFolderWriter(Subscriber):
     """metrics.jsonl and status.json (run.log is the display's: ``Progress``)."""

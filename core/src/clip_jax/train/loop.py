@@ -93,7 +93,7 @@ class TrainLoop:
     # ------------------------------------------------------------------ the run
     def run(self, state, data_state: dict[str, Any] | None, train_step: Callable) -> dict:
         self.step = self.judged = int(state["step"])
-        with StopRequest() as stop:
+        with StopRequest(on_quit=lambda: self.events.quitting(self.judged)) as stop:
             # Processes stop together: a request to any one of them (Ctrl-C on its
             # terminal, `clipctl stop` to process 0) is agreed on at the next sync point,
             # so all save the same step and none is left waiting in a collective.

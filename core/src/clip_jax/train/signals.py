@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 # Set by a handler that ran before training started (e.g. `clipctl run`'s SIGTERM during
 # imports): the KeyboardInterrupt it raised may have landed where Python ignores
@@ -53,7 +54,11 @@ def request_stop() -> None:
 
 
 class StopRequest:
-    def __init__(self) -> None:
+    """``on_quit``: what must still happen before a hard quit (the run folder's status
+    says "interrupted"); it runs on the watcher thread, errors ignored."""
+
+    def __init__(self, on_quit: Callable[[], None] | None = None) -> None:
+        self.on_quit = on_quit
         self.requested = False
         self._previous: dict[int, object] = {}
         self._pipe: tuple[int, int] | None = None
@@ -87,6 +92,9 @@ class StopRequest:
             if self._interrupts >= interrupts or self._done.wait(0.05):
                 return  # the main thread raised KeyboardInterrupt, or left the `with`
         print(QUIT_LINE, file=sys.stderr, flush=True)
+        if self.on_quit is not None:
+            with contextlib.suppress(Exception):
+                self.on_quit()
         os._exit(130)
 
     def __enter__(self) -> StopRequest:
