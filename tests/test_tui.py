@@ -8,6 +8,7 @@ from clip_jax.spec import SpecError, load_spec
 from clipctl.screens.editor import EditorScreen
 from clipctl.screens.launch import LaunchScreen
 from clipctl.screens.runs import RunsScreen
+from clipctl.screens.save import SaveScreen
 from clipctl.widgets.field_row import FieldRow
 from tests.conftest import QUICKSTART
 from tests.tui_support import (
@@ -40,7 +41,7 @@ def test_edit_template_invalid_value_fix_and_save(tmp_path):
         assert row.has_class("-invalid")
         assert editor.problems == {"train.steps": message}  # what `validate` prints
         await pilot.press("ctrl+s")
-        assert not any(s.__class__.__name__ == "SaveScreen" for s in app.screen_stack)
+        assert not any(isinstance(s, SaveScreen) for s in app.screen_stack)
 
         row = await type_into(pilot, editor, "train.steps", "120")
         assert not row.has_class("-invalid") and editor.problems == {}
