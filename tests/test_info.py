@@ -351,3 +351,13 @@ def test_print_progress_writes_plain_lines_to_stderr(capsys):
     """The progress `clipctl info` needs where stderr is no terminal: lines, no escapes."""
     memory.print_progress("compiled dp at batch 64: peak 1.00 GiB (1 compile)")
     assert capsys.readouterr().err == "compiled dp at batch 64: peak 1.00 GiB (1 compile)\n"
+
+
+def test_a_cpu_run_with_unrolled_remat_is_told_what_saves_memory():
+    from clip_jax.components import unrolled_remat_notes
+
+    (note,) = unrolled_remat_notes(load_spec(QUICKSTART, ["model.vision.remat=full"]))
+    assert note.startswith("model.vision.remat saves no memory on a CPU")
+    assert note.endswith("set model.vision.scan_layers = true")
+    assert unrolled_remat_notes(load_spec(QUICKSTART, [*REMAT, *SCAN])) == []
+    assert unrolled_remat_notes(load_spec(QUICKSTART)) == []

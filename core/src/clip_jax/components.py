@@ -247,3 +247,13 @@ def with_scanned_remat(spec: RunSpec) -> tuple[RunSpec, list[str]]:
     ]
     spec = _with_towers(spec, {t: {"scan_layers": True} for t in unrolled})
     return spec, [f"model.{t}.remat" for t in unrolled]
+
+
+def unrolled_remat_notes(spec: RunSpec) -> list[str]:
+    """For a run on a CPU: a note per tower whose remat saves nothing there (unrolled
+    layers, ``with_scanned_remat``), saying what does."""
+    return [
+        f"{key} saves no memory on a CPU with unrolled layers (XLA's CPU compiler undoes "
+        f"it): set {key.removesuffix('.remat')}.scan_layers = true"
+        for key in with_scanned_remat(spec)[1]
+    ]

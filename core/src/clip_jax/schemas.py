@@ -57,7 +57,11 @@ class TowerOptions(Options):
         description="cudnn: fused (flash) attention on NVIDIA GPUs, in bfloat16, any "
         "sequence length; xla: runs anywhere",
     )
-    remat: Remat = Field("none", description="recompute activations in the backward pass")
+    remat: Remat = Field(
+        "none",
+        description="recompute activations in the backward pass (on a CPU only with "
+        "scan_layers: XLA's CPU compiler undoes it in unrolled layers)",
+    )
     scan_layers: bool = Field(False, description="one traced block: compile time flat in depth")
 
     def _check_tower(self) -> None:

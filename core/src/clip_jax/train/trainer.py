@@ -17,7 +17,7 @@ import numpy as np
 
 from clip_jax import distributed, storage
 from clip_jax import spec as spec_lib
-from clip_jax.components import Components, components
+from clip_jax.components import Components, components, unrolled_remat_notes
 from clip_jax.data import naflex, pipeline
 from clip_jax.data.naflex import patch_size_of
 from clip_jax.data.readers import check_layout
@@ -274,6 +274,8 @@ def _train(
     hint = missing_huge_pages_hint(jax.default_backend())
     if hint:
         events.message(hint)
+    for note in unrolled_remat_notes(spec):
+        events.message(f"note: {note}")
     tokenizer = load_tokenizer(comps, folder, comps.data.train_files)
     tx, schedule = comps.optimizer()
     init, abstract, shardings = state_shardings(comps.model, tx, layout, spec)
