@@ -214,6 +214,7 @@ def test_ctrl_c_in_a_long_c_call_is_answered_at_once():
     assert code == 0
     assert "stdout: after True" in lines
     assert sum(line.startswith("stderr: stop requested:") for line in lines) == 1, lines
+    assert any(line.endswith("Ctrl-C again to quit at once") for line in lines), lines
 
 
 def test_a_second_ctrl_c_in_a_long_c_call_quits_without_waiting_for_it():
@@ -244,6 +245,7 @@ def test_sigterm_twice_in_a_long_c_call_never_quits():
     assert code == 0
     assert "stdout: after True" in lines
     assert not any("quitting now" in line for line in lines), lines
+    assert not any("Ctrl-C again" in line for line in lines), lines  # no Ctrl-C was pressed
 
 
 # The main thread free to run its handlers: a second Ctrl-C is a KeyboardInterrupt, as

@@ -129,10 +129,13 @@ def _run(spec: str, overrides: tuple[str, ...], force: bool) -> None:
     except KeyboardInterrupt:
         folder = RunFolder(resolved.run.output_dir)
         status = folder.status()
-        if status.get("state") == "starting" and status.get("pid") == os.getpid():
+        ours = status.get("pid") == os.getpid()
+        if status.get("state") == "starting" and ours:
             # stopped before the trainer took over from `clipctl resume`/the TUI
             fields = {k: status[k] for k in ("step", "steps") if k in status}
             folder.write_status("interrupted", **fields)
+        elif status.get("state") == "interrupted" and ours:
+            exit_interrupted()  # the trainer said where it stopped ("stopped at step N")
         click.echo("interrupted; rerun the same command to resume", err=True)
         exit_interrupted()
     click.echo(json.dumps({"run_dir": resolved.run.output_dir, **results}))

@@ -68,7 +68,10 @@ def _print_facts(facts: dict[str, Any], strategy: str) -> None:
         ("  projections, scale", f"{counts['heads']:,}"),
         *([("  auxiliary terms", f"{counts['aux']:,}")] if "aux" in counts else []),
         ("train FLOPs / pair", f"{facts['train_flops_per_pair'] / 1e9:,.2f} G"),
-        (f"mesh ({facts['devices']} devices)", f"{mesh} ({strategy})"),
+        (
+            f"mesh ({facts['devices']} device{'s' * (facts['devices'] != 1)})",
+            f"{mesh} ({strategy})",
+        ),
         ("param bytes / device", f"{facts['param_bytes_per_device'] / 2**20:,.1f} MiB"),
         ("param bytes, all", f"{facts['param_bytes_total'] / 2**20:,.1f} MiB"),
     ]

@@ -28,7 +28,7 @@ from clip_jax.estimator import Estimator
 from clip_jax.fits import ACCELERATORS, local_device_memory
 
 FOOTNOTE = (
-    "compiled by XLA for {devices} simulated CPU devices: an estimate for TPU/GPU, whose "
+    "compiled by XLA for {devices}: an estimate for TPU/GPU, whose "
     "fusion, layouts and bf16 handling differ"
 )
 PORTABLE_ATTENTION = (
@@ -158,7 +158,8 @@ def _same_layout(estimator: Estimator, strategy: str, sized: dict[tuple, str]) -
 def _note(estimator: Estimator, devices: int) -> str | None:
     notes = []
     if estimator.platform == "cpu":
-        notes.append(FOOTNOTE.format(devices=devices))
+        cpus = "1 CPU device" if devices == 1 else f"{devices} simulated CPU devices"
+        notes.append(FOOTNOTE.format(devices=cpus))
     if estimator.portable:
         notes.append(PORTABLE_ATTENTION.format(keys=", ".join(estimator.portable)))
     if estimator.scanned:

@@ -27,8 +27,9 @@ _early = threading.Event()
 GRACE_S = 2.0  # how long a second Ctrl-C waits for the main thread before a hard exit
 STOP_LINE = (
     "stop requested: finishing the step in progress (it may still be compiling), "
-    "then saving a checkpoint; Ctrl-C again to quit at once"
+    "then saving a checkpoint"
 )
+AGAIN = "; Ctrl-C again to quit at once"  # said after a Ctrl-C, not after a SIGTERM
 QUIT_LINE = "interrupted: quitting now without saving (the last checkpoint stands)"
 
 _pipes: set[tuple[int, int]] = set()  # the wakeup pipes of the StopRequests entered
@@ -82,7 +83,8 @@ class StopRequest:
                     continue
                 heard += 1
                 if heard == 1:
-                    print(STOP_LINE, file=sys.stderr, flush=True)
+                    again = AGAIN if signum == signal.SIGINT else ""
+                    print(STOP_LINE + again, file=sys.stderr, flush=True)
                 elif signum == signal.SIGINT:  # a second Ctrl-C; SIGTERM never quits
                     interrupts += 1
                     self._quit_unless_handled(interrupts)
