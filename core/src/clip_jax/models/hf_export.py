@@ -4,7 +4,9 @@ The tensors, ``config.json``, the run's tokenizer and ``preprocessor_config.json
 that ``AutoModel`` and ``AutoProcessor`` load it and give our embeddings. Which model:
 CLIPModel or SiglipModel by the layout (``hf_format.layout_of``); a NaFlex run
 (``preprocess.resize = "naflex"``) in the SigLIP layout is a Siglip2Model, the one
-transformers model that takes images at their native aspect ratio as we do.
+transformers model that takes images at their native aspect ratio as we do. What those models have no place for
+(a classification head, an auxiliary term's parameters, a CLIPModel's missing logit
+bias) stays behind with a warning naming its spec key: the towers are exported as trained.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def write_folder(
     layout = layout_of(options)
     siglip2 = is_siglip2(spec)
     _report(spec, siglip2, tokenizer_file is not None)
+    _report_dropped(params, spec, "Siglip2Model" if siglip2 else _MODELS[layout])
     params = unstack_scanned(dict(params))
     tensors = {}
     for ours, theirs, (_, to_theirs) in entries(options, layout, naflex=siglip2):
@@ -68,6 +71,46 @@ def write_folder(
     (out / "config.json").write_text(json.dumps(config, indent=2))
     processor = _siglip2_processor(spec) if siglip2 else _processor_config(spec, layout)
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+
+
+_MODELS = {"clip": "CLIPModel", "siglip": "SiglipModel"}
+# What the parameters of an auxiliary term are, for the warning that drops them.
+_AUX_PARTS = {"captioning": "the caption decoder"}
+
+
+def _report_dropped(params: dict[str, np.ndarray], spec, model: str) -> None:
+    """A warning for each trained part the transformers model has no place for. None of
+    them changes what the exported towers compute (their embeddings are the run's), so
+    the export goes on; the person learns what stayed behind, by its spec key."""
+    prefixes = {key.split("/", 1)[0] for key in params}
+    if "head" in prefixes:
+        head = spec.head
+        classes = getattr(head, "num_classes", None)
+        sized = f", {classes} classes" if classes is not None else ""
+        log.warning(
+            "head.name = %r: the head (head/...%s) is not exported (a %s has none, and no "
+            "num_labels); the towers are, and the run folder keeps the head",
+            head.name, sized, model,
+        )  # fmt: skip
+    for term in getattr(spec.loss, "aux", None) or []:
+        if f"aux_{term.name}" not in prefixes:
+            continue
+        part = _AUX_PARTS.get(term.name)
+        log.warning(
+            "loss.aux %s: %s (aux_%s/...) %s not exported (a %s has no such part); "
+            "the towers the term trained are, and the run folder keeps it",
+            term.name, part or "its parameters", term.name, "is" if part else "are", model,
+        )  # fmt: skip
+    if "logit_bias" in params and model == "CLIPModel":
+        bias = float(np.asarray(params["logit_bias"]).reshape(()))
+        log.warning(
+            "loss.name = %r: the learned bias (b = %.4g) is not in a CLIPModel, which has "
+            "no logit_bias; its logits_per_image is scale x cosine, so add b before the "
+            "sigmoid for the run's probabilities. Only the SigLIP layout (model.vision.pool "
+            "= 'map', e.g. model.preset = 'siglip-b16') exports as a SiglipModel, which "
+            "keeps it: these towers (class token, causal text) are not SiglipModel's",
+            spec.loss.name, bias,
+        )  # fmt: skip
 
 
 def _report(spec, siglip2: bool, tokenizer: bool) -> None:
