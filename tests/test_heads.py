@@ -131,6 +131,11 @@ def test_text_classification_trains_and_reports_its_accuracy(synthetic_dir, tmp_
     assert train_lines[-1]["loss"] < train_lines[0]["loss"]
     evals = [r for r in folder.metrics() if r["split"] == "validation"]
     assert evals[-1]["head_top1"] == results["head_top1"] and "zero_shot_top1" not in evals[-1]
+    # clipctl eval with options adds to the run's own evaluation: the head's accuracy stays
+    from clip_jax.inference import evaluate_run
+
+    again = evaluate_run(spec.run.output_dir, max_examples=64)
+    assert again["examples"] == 64 and again["head_top1"] > 0.5
 
 
 # ------------------------------------------------------------------ refused at once

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from clip_jax.errors import UserError
 from clipctl.cli import cli
 from tests.conftest import QUICKSTART
 
@@ -67,6 +68,46 @@ def test_eval_bad_input_is_exit_2(runner, trained_run, tmp_path):
     assert result.exit_code == 2 and "needs --probe-data" in result.stderr
     result = runner.invoke(cli, ["eval", f"hf:{tmp_path}"])
     assert result.exit_code == 2 and "pass --data" in result.stderr
+
+
+def test_eval_checks_data_and_classes_before_loading_the_model(runner, tmp_path):
+    """No run folder at all: the inputs are refused before any model would load."""
+    run = str(tmp_path / "no-run")
+    result = runner.invoke(cli, ["eval", run, "--data", str(tmp_path / "nomatch" / "*")])
+    assert result.exit_code == 2 and "--data: no files match" in result.stderr
+    result = runner.invoke(cli, ["eval", run, "--classes", str(tmp_path / "none.json")])
+    assert result.exit_code == 2 and "none.json" in result.stderr
+
+
+def test_eval_table_sizes_its_key_column_and_keeps_small_floats(runner, monkeypatch):
+    import clip_jax.inference
+
+    results = {"step": 30, "linear_probe_train_examples": 1024, "linear_probe_l2": 1e-5}
+    monkeypatch.setattr(clip_jax.inference, "evaluate_run", lambda *a, **k: results)
+    result = runner.invoke(cli, ["eval", "run", "--linear-probe"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[2].split() == ["linear_probe_l2", "1e-05"]
+    assert len({line.rindex(" ") for line in lines}) == 1  # values in one column
+
+
+@pytest.mark.slow
+def test_eval_names_a_wrong_key_and_a_missing_classes_list(runner, trained_run, synthetic_dir):
+    data = str(synthetic_dir / "validation" / "*.tfrecord")
+    base = ["eval", str(trained_run), "--data", data, "--max-examples", "32"]
+    result = runner.invoke(cli, [*base, "--image-key", "image"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()  # one line, no TensorFlow log lines
+    assert "--image-key" in line and "'image'" in line and "jpg" in line
+    classes = str(synthetic_dir / "classes.json")
+    result = runner.invoke(cli, [*base, "--classes", classes, "--label-key", "nolabel"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert "--label-key" in line and "nolabel" in line
+    result = runner.invoke(cli, [*base, "--label-key", "label", "--json"])  # no --classes
+    assert result.exit_code == 0, result.output
+    assert "zero_shot_top1" not in json.loads(result.stdout)
+    assert "pass --classes" in result.stderr
 
 
 @pytest.mark.slow
@@ -131,3 +172,15 @@ def test_export_refuses_before_reading_any_checkpoint(runner, tmp_path):
     result = runner.invoke(cli, ["export", str(run), str(tmp_path / "out")])
     assert result.exit_code == 2 and "model.vision.pool = 'gap'" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_published_model_is_named_as_given(tmp_path):
+    """Not as a spec key the caller never wrote (train.init_from)."""
+    import clip_jax
+
+    missing = f"hf:{tmp_path / 'nope'}"
+    with pytest.raises(UserError) as caught:
+        clip_jax.load(missing)
+    assert str(caught.value) == f"{missing}: {tmp_path / 'nope'} does not exist"
+    result = CliRunner().invoke(cli, ["predict", missing, "--image", "x.png", "--labels", "a"])
+    assert result.exit_code == 2 and "train.init_from" not in result.stderr, result.output

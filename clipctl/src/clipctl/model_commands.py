@@ -62,16 +62,26 @@ def eval_command(
     probe, head accuracy; results are appended to the run's metrics.jsonl."""
     from clip_jax.inference import evaluate_run
 
-    results = evaluate_run(
-        run_dir, step, data=data, classes=classes, linear_probe=linear_probe,
-        probe_data=probe_data, image_key=image_key, caption_key=caption_key,
-        label_key=label_key, max_examples=max_examples,
-    )  # fmt: skip
+    with echoed_warnings("clip_jax.eval_sets"):  # what was skipped, and why: on stderr
+        results = evaluate_run(
+            run_dir, step, data=data, classes=classes, linear_probe=linear_probe,
+            probe_data=probe_data, image_key=image_key, caption_key=caption_key,
+            label_key=label_key, max_examples=max_examples,
+        )  # fmt: skip
     if as_json:
         click.echo(json.dumps(results))
         return
+    width = max(map(len, results), default=0)
     for key, value in results.items():
-        click.echo(f"{key:<20} {value:.4f}" if isinstance(value, float) else f"{key:<20} {value}")
+        click.echo(f"{key:<{width}}  {_metric(value)}")
+
+
+def _metric(value: object) -> str:
+    """A metric for the eval table: 4 decimals, small floats (a loss of 1e-5) in 4
+    significant digits rather than as 0.0000."""
+    if isinstance(value, float):
+        return f"{value:.4g}" if value and abs(value) < 1e-3 else f"{value:.4f}"
+    return str(value)
 
 
 @click.command(name="export")
@@ -82,8 +92,9 @@ def eval_command(
     "format_",
     default="hf",
     show_default=True,
-    help="hf: a folder transformers loads (CLIPModel, SiglipModel or, for NaFlex runs, "
-    "Siglip2Model; tokenizer, processor).",
+    help="hf, the one format export writes: a folder transformers loads (CLIPModel, "
+    "SiglipModel or, for NaFlex runs, Siglip2Model; tokenizer, processor). open_clip and "
+    'big_vision are import formats (train.init_from = "open_clip:PATH").',
 )
 @click.option("--step", type=int, default=None, help="Checkpoint step (default: latest).")
 def export_command(run_dir: str, out: str, format_: str, step: int | None) -> None:

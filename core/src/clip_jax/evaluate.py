@@ -56,6 +56,19 @@ def _pad(rows: np.ndarray, pad: int, edge: bool) -> np.ndarray:
     return np.concatenate([rows, extra])
 
 
+def head_scorer(comps: Any, params: object, tokenizer: Any, batch_size: int) -> Callable | None:
+    """A batch (``pipeline.Batch``) -> its classification head's scores (N x classes), or
+    None for a run without a classification head. An image head scores the batch's
+    images, a text head its captions. What ``evaluate(head_scores=...)`` and
+    ``clip_jax.eval_sets`` score the head with."""
+    if comps.classifier is None:
+        return None
+    classify = padded_encoder(comps.classifier, params, batch_size)
+    if comps.head.tower == "text":
+        return lambda batch: classify(tokenizer(batch.captions))
+    return lambda batch: classify(batch.images)
+
+
 BUDGET_METRICS = ("zero_shot_", "retrieval_")  # what eval.max_patches measures again
 
 

@@ -93,10 +93,14 @@ class LoadedClip:
         return self._tokens(self.tokenizer(list(texts)))
 
     def classify(
-        self, images: Any, classes: Sequence[str], templates: Sequence[str] = ("a {}",)
+        self,
+        images: Any,
+        classes: Sequence[str],
+        templates: Sequence[str] = ("a photo of a {}.",),
     ) -> np.ndarray:
         """Zero-shot class probabilities, images x classes (softmax at the model's own
-        learned temperature)."""
+        learned temperature). The default prompt is ``clipctl predict``'s and ``eval
+        --data``'s."""
         from clip_jax.evaluate import class_embeddings
 
         class_emb_CxD = class_embeddings(self.encode_texts, classes, templates)
@@ -152,6 +156,9 @@ def _load_pretrained(ref: str, image_size: int | None) -> LoadedClip:
     from clip_jax.train.state import param_shapes
     from clip_jax.train.warm_start import class_token_rows, fit_params
 
+    _, path = pretrained.parse_ref(ref)
+    if not pretrained.checkpoint_exists(path):  # said of the model, not of a spec key
+        raise UserError(f"{ref}: {path} does not exist")
     raw: dict[str, Any] = {"train": {"init_from": ref}}
     if image_size is not None:
         raw["model"] = {"vision": {"image_size": image_size}}
@@ -195,8 +202,13 @@ def evaluate_run(
     """Evaluate a run folder's checkpoint (or ``hf:PATH`` weights) and, for a run folder,
     append the results to its metrics.jsonl.
 
-    With no options: the run's validation split, as during training. ``data`` / ``classes``
-    / ``linear_probe`` evaluate on any labelled tfrecord set (see ``clip_jax.eval_sets``).
+    With no options: the run's validation split, as during training
+    (``train.trainer.run_evaluation``, NaFlex budgets included). ``data`` / ``classes`` /
+    ``linear_probe`` / keys / ``max_examples`` evaluate on any labelled tfrecord set, or on
+    the run's split with those changes (see ``clip_jax.eval_sets``): options add to what
+    is measured, so a head's accuracy and a captioning run's caption metrics are still
+    reported there (on labels the head can score, on sets with captions). ``data``,
+    ``classes`` and ``probe_data`` are checked before the model loads.
     """
     from clip_jax.pretrained import parse_ref
 
@@ -208,29 +220,29 @@ def evaluate_run(
             "--linear-probe on --data (or published weights) needs --probe-data: the shards "
             "the probe trains on, read with the same keys"
         )
-    model = load(model_ref, step)
     custom = data or classes or linear_probe or image_key or label_key or caption_key
     if custom or max_examples:
-        from clip_jax.data.pipeline import expand_files
-        from clip_jax.eval_sets import evaluate_model, run_eval_set
+        from clip_jax.eval_sets import evaluate_model, read_inputs, run_eval_set
 
-        eval_set = run_eval_set(model, data, classes, image_key, caption_key, label_key)
+        inputs = read_inputs(data, classes, probe_data if linear_probe else None)
+        model = load(model_ref, step)
+        eval_set = run_eval_set(model, inputs, image_key, caption_key, label_key)
         probe_files: list[str] = []
         if linear_probe:
             try:
-                probe_files = (
-                    expand_files(probe_data) if probe_data else model.comps.data.train_files
-                )
+                probe_files = inputs.probe_files or model.comps.data.train_files
             except FileNotFoundError as exc:
                 raise UserError(f"--probe-data: {exc}") from None
         limit = max_examples or model.spec.eval.max_examples
-        results = evaluate_model(model, eval_set, probe_files, limit)
+        require_labels = bool(classes or label_key)
+        results = evaluate_model(model, eval_set, probe_files, limit, require_labels=require_labels)
         split = f"eval:{eval_set.name}"
     else:
         from clip_jax.models.captioning import greedy_captioner
         from clip_jax.train.state import make_encoders
         from clip_jax.train.trainer import run_evaluation
 
+        model = load(model_ref, step)
         comps, tokenizer = model.comps, model.tokenizer
         captioner = greedy_captioner(comps.model, tokenizer)
         encoders = make_encoders(comps.model)

@@ -22,7 +22,7 @@ from clip_jax.data import naflex, pipeline
 from clip_jax.data.naflex import patch_size_of
 from clip_jax.data.readers import check_layout
 from clip_jax.errors import UserError
-from clip_jax.evaluate import at_budget, evaluate, padded_encoder
+from clip_jax.evaluate import at_budget, evaluate, head_scorer, padded_encoder
 from clip_jax.host_memory import missing_huge_pages_hint
 from clip_jax.models.captioning import greedy_captioner
 from clip_jax.run_folder import RunFolder, RunFolderConflict, check_run_folder  # noqa: F401
@@ -56,13 +56,7 @@ def run_evaluation(
     size = spec.eval.batch_size
     encode_images = padded_encoder(encoders[0], params, size)
     encode_tokens = padded_encoder(encoders[1], params, size)
-    head_scores = None
-    if comps.classifier is not None:  # a classification head: its accuracy too
-        classify = padded_encoder(comps.classifier, params, size)
-        if comps.head.tower == "text":
-            head_scores = lambda batch: classify(tokenizer(batch.captions))
-        else:
-            head_scores = lambda batch: classify(batch.images)
+    head_scores = head_scorer(comps, params, tokenizer, size)  # a head: its accuracy too
     caption_images = None
     if captioner is not None:  # a captioning term: how well its decoder captions
         captions_of = padded_encoder(captioner, params, size)
