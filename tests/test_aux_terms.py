@@ -91,7 +91,10 @@ def captioning_values(head, params, x, targets, vocab):
     return per_example_captioning(nll, correct, targets, pad_id=0)
 
 
-@pytest.mark.parametrize("chunk_logits", [None, 3 * 2 * 7])  # one chunk; 2 + 2 + 1 positions
+@pytest.mark.parametrize(
+    "chunk_logits",
+    [pytest.param(None, marks=pytest.mark.slow), 3 * 2 * 7],  # one chunk; 2 + 2 + 1 positions
+)
 def test_captioning_value_and_gradient_match_a_plain_reference(monkeypatch, chunk_logits):
     """The cross-entropy a chunk of positions at a time (the decoder's output layer,
     under jax.checkpoint) equals the per-token formula, with its gradients."""

@@ -55,6 +55,7 @@ def export_messages(raw: dict, out, caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "clip_jax.export"]
 
 
+@pytest.mark.slow  # writes a folder (seconds); the fast tier keeps the CLI's test
 def test_a_classification_head_is_named_and_the_towers_exported(tmp_path, caplog):
     (message,) = export_messages(HEAD, tmp_path / "out", caplog)
     assert message.startswith("head.name = 'image_classification': the head")
@@ -74,6 +75,7 @@ def test_sigmoid_bias_and_caption_decoder_are_named(tmp_path, caplog):
     assert config["architectures"] == ["CLIPModel"]
 
 
+@pytest.mark.slow  # writes a folder (seconds); the fast tier keeps the CLI's test
 def test_a_siglip_layout_run_keeps_its_bias_without_a_word(tmp_path, caplog):
     vision = {"image_size": 32, "patch_size": 8, "width": 48, "depth": 1, "heads": 4,
               "mlp_dim": 96}  # fmt: skip

@@ -232,6 +232,7 @@ def test_a_second_ctrl_c_in_a_long_c_call_quits_without_waiting_for_it():
     assert "stdout: on_quit ran" in lines  # e.g. the run folder's "interrupted"
 
 
+@pytest.mark.slow  # seconds of waiting: the fast tier keeps the two Ctrl-C tests
 def test_sigterm_twice_in_a_long_c_call_never_quits():
     child = Child(BLOCKED_IN_C, "3")
     child.wait_for("stdout", "before")
@@ -268,6 +269,7 @@ print("done", flush=True)
 """
 
 
+@pytest.mark.slow  # seconds of waiting: the fast tier keeps the two Ctrl-C tests
 def test_a_responsive_main_thread_gets_its_keyboard_interrupt_and_no_hard_exit():
     child = Child(RESPONSIVE)
     code, lines = child.finish()

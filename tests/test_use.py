@@ -70,6 +70,7 @@ def test_eval_bad_input_is_exit_2(runner, trained_run, tmp_path):
     assert result.exit_code == 2 and "pass --data" in result.stderr
 
 
+@pytest.mark.slow  # imports TensorFlow to read the glob (seconds)
 def test_eval_checks_data_and_classes_before_loading_the_model(runner, tmp_path):
     """No run folder at all: the inputs are refused before any model would load."""
     run = str(tmp_path / "no-run")
