@@ -104,6 +104,35 @@ class LazyModule:
         return getattr(pytest.importorskip(self._name, reason=self._reason), attr)
 
 
+HEAVY_MODULES = ("jax", "tensorflow", "flax", "optax")
+
+
+def clipctl_in_a_fresh_interpreter(args: list[str], exit_codes: tuple = (0, None)):
+    """``clipctl ARGS`` in a new Python process that then fails if it imported jax,
+    TensorFlow, flax or optax (what `--help` and `validate` must stay fast without).
+    Returns the finished process (its stdout and stderr as text)."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import clipctl.cli
+        try:
+            clipctl.cli.cli({args!r})
+        except SystemExit as exit:
+            assert exit.code in {exit_codes!r}, exit.code
+        heavy = [m for m in {HEAVY_MODULES!r} if m in sys.modules]
+        assert not heavy, heavy
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
     """A small copy of the embedded dataset (written once per test session)."""

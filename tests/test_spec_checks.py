@@ -2,17 +2,13 @@
 what `clipctl run` would refuse before training, `clipctl validate` refuses first, with
 exit code 2 and the key to change, without importing jax."""
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 from click.testing import CliRunner
 
 from clip_jax.spec import load_spec
 from clip_jax.spec_checks import local_path_problems
 from clipctl.cli import cli
-from tests.conftest import QUICKSTART, ROOT
+from tests.conftest import QUICKSTART, clipctl_in_a_fresh_interpreter
 
 
 @pytest.fixture
@@ -79,23 +75,8 @@ def test_a_resumed_run_no_longer_needs_the_folder_it_started_from(tmp_path):
 
 
 def test_validate_checks_the_paths_without_importing_jax(tmp_path):
-    code = textwrap.dedent(
-        f"""
-        import sys
-        import clipctl.cli
-        try:
-            clipctl.cli.cli(["validate", {str(QUICKSTART)!r}, "tokenizer.path=/nope.json",
-                             "train.init_from={tmp_path}/nonexistent",
-                             "run.output_dir={tmp_path}/run"])
-        except SystemExit as exit:
-            assert exit.code == 2, exit.code
-        heavy = [m for m in ("jax", "tensorflow", "flax", "optax") if m in sys.modules]
-        assert not heavy, heavy
-        """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stderr
+    args = ["validate", str(QUICKSTART), "tokenizer.path=/nope.json"]
+    args += [f"train.init_from={tmp_path}/nonexistent", f"run.output_dir={tmp_path}/run"]
+    result = clipctl_in_a_fresh_interpreter(args, exit_codes=(2,))
     assert "tokenizer.path: /nope.json does not exist" in result.stderr
     assert "train.init_from:" in result.stderr and "does not exist" in result.stderr
